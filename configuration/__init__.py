@@ -1,0 +1,3 @@
+from .configuration_moe_mtp import MoeMtpConfig
+
+__all__ = ["MoeMtpConfig"]

@@ -1,0 +1,3 @@
+from .modeling_moe_mtp import MoeMtpForCausalLM, MoeMtpModel, MoeMtpPreTrainedModel
+
+__all__ = ["MoeMtpForCausalLM", "MoeMtpModel", "MoeMtpPreTrainedModel"]

@@ -1,0 +1,703 @@
+"""moe-mtp: DeepSeek-V3-style causal LM (Multi-head Latent Attention, DeepSeekMoE, Multi-Token Prediction).
+
+Read top-down: RMSNorm, rotary embedding, MLA attention, dense MLP, router, MoE, decoder blocks (main and MTP),
+then the pretrained base, the model and the causal LM. Tensor names match the released DeepSeek checkpoints, so
+the main stack loads them unchanged; the MTP modules live at `model.mtp_layers.{k}` (released: `model.layers.{N+k}`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from ..configuration import MoeMtpConfig
+
+logger = logging.get_logger(__name__)
+
+
+class MoeMtpRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def yarn_softmax_mscale(rope_parameters: dict) -> float:
+    """DeepSeek's YaRN folds `mscale_all_dim` into the softmax scale, squared (once for q, once for k)."""
+    factor, mscale_all_dim = rope_parameters.get("factor", 1.0), rope_parameters.get("mscale_all_dim", 0)
+    if rope_parameters.get("rope_type", "default") != "yarn" or not mscale_all_dim or factor <= 1:
+        return 1.0
+    mscale = 0.1 * mscale_all_dim * torch.log(torch.tensor(float(factor))).item() + 1.0
+    return mscale * mscale
+
+
+class MoeMtpRotaryEmbedding(nn.Module):
+    """Rotary frequencies for the decoupled rope dims; YaRN comes from transformers' rope registry."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: MoeMtpConfig):
+        super().__init__()
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: MoeMtpConfig) -> tuple[torch.Tensor, float]:
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        if rope_type != "default":
+            return ROPE_INIT_FUNCTIONS[rope_type](config)
+        dim, base = config.qk_rope_head_dim, config.rope_parameters.get("rope_theta", 10000.0)
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns cos and sin of shape (batch, seq, rope_dim // 2), one angle per interleaved pair."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+            cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates DeepSeek's interleaved pairs (x0, x1), (x2, x3), ... and returns them de-interleaved.
+
+    The released weights pair adjacent dims. The output order (all even, then all odd) differs from the input's, but
+    queries and keys go through the same permutation, so their dot products are unchanged.
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    attn_weights = apply_attention_mask(attn_weights, attention_mask)
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def apply_attention_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Applies a boolean (True = attend) or additive mask, or the causal mask when none is given."""
+    if attention_mask is None:
+        q_len, kv_len = scores.shape[-2:]
+        if q_len == 1:
+            return scores
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+    if attention_mask.dtype == torch.bool:
+        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    return scores + attention_mask[..., : scores.shape[-1]]
+
+
+class MoeMtpAttention(nn.Module):
+    """Multi-head Latent Attention. The cache holds only the normalized latent and the rotated shared rope key."""
+
+    def __init__(self, config: MoeMtpConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.attention_dropout = config.attention_dropout
+        self.num_key_value_groups = 1  # keys are expanded per head before the attention kernel
+        self.is_causal = True
+        self.scaling = self.qk_head_dim**-0.5 * yarn_softmax_mscale(config.rope_parameters)
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = MoeMtpRMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
+        )
+        self.kv_a_layernorm = MoeMtpRMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=config.attention_bias)
+        # Absorbing kv_b_proj into q and the output beats expanding the cache while the query is this short.
+        nope_v = self.qk_nope_head_dim + self.v_head_dim
+        self.max_absorbed_query_len = self.kv_lora_rank * nope_v // (2 * self.kv_lora_rank + self.qk_rope_head_dim)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, q_len, _ = hidden_states.shape
+        if self.q_lora_rank is None:
+            query = self.q_proj(hidden_states)
+        else:
+            query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        query = query.view(batch_size, q_len, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+        latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        latent = self.kv_a_layernorm(latent).unsqueeze(1)  # (batch, 1, seq, kv_lora_rank)
+        cos, sin = position_embeddings
+        q_rope = apply_rotary_interleaved(q_rope, cos, sin)
+        k_rope = apply_rotary_interleaved(k_rope.unsqueeze(1), cos, sin)  # (batch, 1, seq, rope_dim)
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
+
+        if self._use_absorbed(q_len, latent.shape[2], kwargs):
+            attn_output, attn_weights = self._absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask), None
+        else:
+            attn_output, attn_weights = self._expanded_attention(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
+        attn_output = attn_output.reshape(batch_size, q_len, self.num_heads * self.v_head_dim)
+        return self.o_proj(attn_output), attn_weights
+
+    def _use_absorbed(self, q_len: int, kv_len: int, kwargs: dict) -> bool:
+        # Absorption reads kv_b_proj's weight directly, so a quantized or adapted projection takes the expanded path.
+        return (
+            q_len < kv_len
+            and q_len <= self.max_absorbed_query_len
+            and type(self.kv_b_proj) is nn.Linear
+            and not kwargs.get("output_attentions", False)
+        )
+
+    def _expanded_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs):
+        batch_size, _, kv_len, _ = latent.shape
+        kv = self.kv_b_proj(latent.squeeze(1)).view(batch_size, kv_len, self.num_heads, -1).transpose(1, 2)
+        k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        query = torch.cat((q_nope, q_rope), dim=-1)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+
+    def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask) -> torch.Tensor:
+        """Attention in latent space: MQA with one (kv_lora_rank + rope_dim) key and a kv_lora_rank value."""
+        weight = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_key, w_value = weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_latent = torch.matmul(q_nope, w_key)  # (batch, heads, q, kv_lora_rank)
+        scores = torch.matmul(q_latent, latent.transpose(2, 3)) + torch.matmul(q_rope, k_rope.transpose(2, 3))
+        scores = apply_attention_mask(scores * self.scaling, attention_mask)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
+        context = torch.matmul(probs, latent)  # (batch, heads, q, kv_lora_rank)
+        return torch.matmul(context, w_value.transpose(1, 2)).transpose(1, 2)  # (batch, q, heads, v_head_dim)
+
+
+class MoeMtpMLP(nn.Module):
+    """SwiGLU MLP: the dense layers, each routed expert and the fused shared experts."""
+
+    def __init__(self, config: MoeMtpConfig, intermediate_size: int | None = None):
+        super().__init__()
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoeMtpTopkRouter(nn.Module):
+    """Scores experts in fp32 and picks the top-k; the correction bias steers the choice, never the gate weights."""
+
+    e_score_correction_bias: torch.Tensor
+    tokens_per_expert: torch.Tensor
+
+    def __init__(self, config: MoeMtpConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.topk_method = config.topk_method
+        self.scoring_func = config.scoring_func
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        # Tokens routed to each expert by training-mode forwards since the balancing bias was last updated.
+        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns router logits (tokens, experts), gate weights (tokens, k) in fp32 and expert indices (tokens, k)."""
+        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        scores = self.scores(router_logits)
+        topk_indices = self.select(scores)
+        topk_weights = scores.gather(1, topk_indices)
+        if self.norm_topk_prob:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        topk_weights = topk_weights * self.routed_scaling_factor
+        # Skip the recomputation that gradient checkpointing runs inside backward, which would count twice.
+        if self.training and torch._C._current_graph_task_id() == -1:
+            self.tokens_per_expert += torch.bincount(topk_indices.flatten(), minlength=self.num_experts)
+        return router_logits, topk_weights, topk_indices
+
+    def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.scoring_func == "sigmoid":
+            return router_logits.sigmoid()
+        return router_logits.softmax(dim=-1, dtype=torch.float32)
+
+    @torch.no_grad()
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Indices of the chosen experts: top-k of the bias-corrected scores within the best `topk_group` groups."""
+        choice = scores + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.topk_group < self.n_group:
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(-1, self.num_experts)
+        return choice.topk(self.top_k, dim=-1, sorted=False).indices
+
+
+class MoeMtpMoE(nn.Module):
+    """Shared experts plus routed experts; tokens are grouped by expert so each expert runs one GEMM per batch."""
+
+    def __init__(self, config: MoeMtpConfig):
+        super().__init__()
+        self.gate = MoeMtpTopkRouter(config)
+        # One module per expert: bitsandbytes and PEFT see plain nn.Linear layers, and keys match the release.
+        self.experts = nn.ModuleList(
+            MoeMtpMLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        self.shared_experts = None
+        if config.n_shared_experts:
+            self.shared_experts = MoeMtpMLP(
+                config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts
+            )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        _, topk_weights, topk_indices = self.gate(flat)
+        routed = self.dispatch(flat, topk_indices, topk_weights).view(shape)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(hidden_states)
+        return routed
+
+    def dispatch(self, tokens: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        num_tokens, top_k = topk_indices.shape
+        expert_of_slot = topk_indices.flatten()
+        order = expert_of_slot.argsort(stable=True)
+        counts = torch.bincount(expert_of_slot, minlength=len(self.experts)).tolist()
+        sorted_tokens = tokens[order // top_k]
+        outputs = [
+            self.experts[expert](chunk)
+            for expert, chunk in enumerate(sorted_tokens.split(counts))
+            if counts[expert]
+        ]
+        weighted = torch.cat(outputs) * topk_weights.flatten()[order].unsqueeze(-1).to(tokens.dtype)
+        # Each token owns exactly top_k slots: scatter back to slot order and sum, deterministic unlike index_add.
+        by_slot = weighted.new_empty(num_tokens * top_k, tokens.shape[-1]).index_copy(0, order, weighted)
+        return by_slot.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+class MoeMtpBlock(GradientCheckpointingLayer):
+    """Pre-norm attention + MLP block, shared by the main decoder layers and the MTP modules."""
+
+    def __init__(self, config: MoeMtpConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MoeMtpAttention(config, layer_idx)
+        self.mlp = MoeMtpMoE(config) if config.is_moe_layer(layer_idx) else MoeMtpMLP(config)
+        self.input_layernorm = MoeMtpRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MoeMtpRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def block(self, hidden_states, attention_mask, position_embeddings, cache, **kwargs) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MoeMtpDecoderLayer(MoeMtpBlock):
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        return self.block(hidden_states, attention_mask, position_embeddings, cache, **kwargs)
+
+
+class MoeMtpSharedHead(nn.Module):
+    """The MTP module's own output norm; the projection itself is the main model's `lm_head`."""
+
+    def __init__(self, config: MoeMtpConfig):
+        super().__init__()
+        self.norm = MoeMtpRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class MoeMtpMTPLayer(MoeMtpBlock):
+    """MTP module k: combines h^(k-1)_i with the embedding of t_(i+k), runs one block and normalizes the result.
+
+    The released weights were trained with `eh_proj` seeing [embedding; hidden] (as vLLM, SGLang and transformers
+    load them), the reverse of the order written in the DeepSeek-V3 paper.
+    """
+
+    def __init__(self, config: MoeMtpConfig, depth: int):
+        super().__init__(config, layer_idx=config.num_hidden_layers + depth)
+        self.enorm = MoeMtpRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hnorm = MoeMtpRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = MoeMtpSharedHead(config)
+
+    def forward(
+        self,
+        previous_hidden_states: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        hidden_states = self.eh_proj(torch.cat((self.enorm(inputs_embeds), self.hnorm(previous_hidden_states)), -1))
+        hidden_states = self.block(hidden_states, attention_mask, position_embeddings, cache=None, **kwargs)
+        return self.shared_head.norm(hidden_states)
+
+
+class MoeMtpPreTrainedModel(PreTrainedModel):
+    config: MoeMtpConfig
+    config_class = MoeMtpConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoeMtpDecoderLayer", "MoeMtpMTPLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # expert dispatch reads per-expert token counts on the host
+    _can_record_outputs = {
+        "hidden_states": MoeMtpDecoderLayer,
+        "attentions": OutputRecorder(MoeMtpAttention, index=1),
+        "router_logits": OutputRecorder(MoeMtpTopkRouter, index=0),
+    }
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
+    # V2-style checkpoints have no balancing bias; it starts at zero.
+    _keys_to_ignore_on_load_missing = [r"e_score_correction_bias"]
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, MoeMtpTopkRouter):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.e_score_correction_bias)
+            init.zeros_(module.tokens_per_expert)
+        elif isinstance(module, MoeMtpRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(self.config)[0])
+
+
+@dataclass
+class MoeMtpModelOutputWithPast(MoeModelOutputWithPast):
+    r"""
+    mtp_hidden_states (`tuple(torch.Tensor)`, *optional*):
+        One tensor per MTP depth k = 1..D, of shape `(batch_size, sequence_length - k, hidden_size)`, already normalized
+        by the module's `shared_head.norm`; position i predicts token i + k + 1.
+    """
+
+    mtp_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class MoeMtpModel(MoeMtpPreTrainedModel):
+    def __init__(self, config: MoeMtpConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(MoeMtpDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MoeMtpRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mtp_layers = nn.ModuleList(MoeMtpMTPLayer(config, k) for k in range(config.num_nextn_predict_layers))
+        self.rotary_emb = MoeMtpRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embed_tokens = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_mtp_hidden_states: bool = False,
+        **kwargs,
+    ) -> MoeMtpModelOutputWithPast:
+        r"""
+        output_mtp_hidden_states (`bool`, *optional*, defaults to `False`):
+            Also run the MTP modules over the sequence and return their normalized hidden states.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("MoeMtpModel.forward: pass exactly one of `input_ids` or `inputs_embeds`.")
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                cache=cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+
+        mtp_hidden_states = None
+        if output_mtp_hidden_states:
+            mtp_hidden_states = self.multi_token_prediction(hidden_states, inputs_embeds, attention_mask, position_ids)
+        return MoeMtpModelOutputWithPast(
+            last_hidden_state=hidden_states, cache=cache, mtp_hidden_states=mtp_hidden_states
+        )
+
+    def multi_token_prediction(
+        self,
+        hidden_states: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """Runs MTP depth k = 1..D over the whole sequence: position i sees h^(k-1)_i and the embedding of t_(i+k)."""
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("Multi-token prediction needs a 2-D padding `attention_mask` (batch, seq) or None.")
+        seq_len = inputs_embeds.shape[1]
+        position_ids = position_ids.expand(inputs_embeds.shape[0], -1)
+        outputs = []
+        for depth, mtp_layer in enumerate(self.mtp_layers, start=1):
+            if seq_len - depth < 1:
+                break
+            embeds, positions = inputs_embeds[:, depth:], position_ids[:, depth:]
+            mask = attention_mask[:, depth:] if attention_mask is not None else None
+            causal_mask = create_causal_mask(
+                config=self.config, inputs_embeds=embeds, attention_mask=mask, cache=None, position_ids=positions
+            )
+            hidden_states = mtp_layer(
+                hidden_states[:, : seq_len - depth],
+                embeds,
+                attention_mask=causal_mask,
+                position_embeddings=self.rotary_emb(embeds, positions),
+            )
+            outputs.append(hidden_states)
+        return tuple(outputs)
+
+
+@dataclass
+class MoeMtpCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    r"""
+    main_loss (`torch.Tensor`, *optional*):
+        Next-token cross-entropy of the main model.
+    mtp_losses (`tuple(torch.Tensor)`, *optional*):
+        Cross-entropy of MTP depth k = 1..D (predicting token i + k + 1 at position i).
+    mtp_logits (`tuple(torch.Tensor)`, *optional*):
+        Logits of each MTP depth, of shape `(batch_size, sequence_length - k, vocab_size)`.
+    """
+
+    main_loss: torch.Tensor | None = None
+    mtp_losses: tuple[torch.Tensor, ...] | None = None
+    mtp_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoeMtpConfig):
+        super().__init__(config)
+        self.model = MoeMtpModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear):
+        self.lm_head = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("num_logits_to_keep", "5.40.0", new_name="logits_to_keep")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_mtp_logits: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoeMtpCausalLMOutputWithPast | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Targets in transformers' convention (unshifted, -100 ignored). With MTP modules the loss is
+            `main_ce + mtp_loss_weight * mean_k(mtp_ce_k)`, plus the sequence-wise balance loss when training with
+            `seq_aux_loss_alpha > 0`.
+        output_mtp_logits (`bool`, *optional*, defaults to `False`):
+            Return the MTP logits even without `labels`.
+        """
+        config = self.config
+        mtp_depth = len(self.model.mtp_layers)
+        want_mtp = mtp_depth > 0 and (output_mtp_logits or (labels is not None and config.mtp_loss_weight > 0))
+        want_balance = labels is not None and self.training and config.seq_aux_loss_alpha > 0
+        if want_balance:
+            kwargs["output_router_logits"] = True
+        outputs: MoeMtpModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_mtp_hidden_states=want_mtp,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        mtp_logits = tuple(self.lm_head(h) for h in outputs.mtp_hidden_states) if want_mtp else None
+
+        loss = main_loss = aux_loss = mtp_losses = None
+        if labels is not None:
+            loss_kwargs = {k: v for k, v in kwargs.items() if k == "num_items_in_batch"}
+            loss = main_loss = self.loss_function(logits, labels, vocab_size=config.vocab_size, **loss_kwargs)
+            if mtp_logits:
+                mtp_losses = tuple(
+                    self.loss_function(lg, labels[:, k:], vocab_size=config.vocab_size, **loss_kwargs)
+                    for k, lg in enumerate(mtp_logits, start=1)
+                )
+                loss = loss + config.mtp_loss_weight * torch.stack(mtp_losses).mean()
+            if want_balance and outputs.router_logits:
+                aux_loss = config.seq_aux_loss_alpha * self.sequence_balance_loss(outputs.router_logits, attention_mask)
+                loss = loss + aux_loss
+
+        output = MoeMtpCausalLMOutputWithPast(
+            loss=loss,
+            main_loss=main_loss,
+            mtp_losses=mtp_losses,
+            aux_loss=aux_loss,
+            logits=logits,
+            mtp_logits=mtp_logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def moe_routers(self) -> list[MoeMtpTopkRouter]:
+        """Routers in execution order: main layers, then MTP modules."""
+        return [m for m in self.modules() if isinstance(m, MoeMtpTopkRouter)]
+
+    def sequence_balance_loss(self, router_logits: tuple[torch.Tensor, ...], attention_mask) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise balance loss, sum_i f_i * P_i per sequence, averaged over sequences and
+        summed over MoE layers (MTP included). Padding tokens are left out."""
+        total = 0.0
+        for router, logits in zip(self.moe_routers(), router_logits, strict=True):
+            batch_size = attention_mask.shape[0] if attention_mask is not None else 1
+            seq_len = logits.shape[0] // batch_size
+            valid = torch.ones(batch_size, seq_len, device=logits.device)
+            if attention_mask is not None:
+                valid = attention_mask[:, -seq_len:].to(logits.dtype)  # MTP depth k sees positions k..S-1
+            scores = router.scores(logits)
+            chosen = torch.zeros_like(scores).scatter_(1, router.select(scores), 1.0)
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+            valid = valid.reshape(batch_size, seq_len, 1)
+            tokens = valid.sum(dim=1).clamp(min=1)
+            load = (chosen.view(batch_size, seq_len, -1) * valid).sum(1) * router.num_experts / (router.top_k * tokens)
+            mean_prob = (probs.view(batch_size, seq_len, -1) * valid).sum(1) / tokens
+            total = total + (load * mean_prob).sum(-1).mean()
+        return total
+
+
+__all__ = ["MoeMtpPreTrainedModel", "MoeMtpModel", "MoeMtpForCausalLM"]
