@@ -190,7 +190,9 @@ class MoeMtpAttention(nn.Module):
         if self._use_absorbed(q_len, latent.shape[2], kwargs):
             attn_output, attn_weights = self._absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask), None
         else:
-            attn_output, attn_weights = self._expanded_attention(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
+            attn_output, attn_weights = self._expanded_attention(
+                q_nope, q_rope, latent, k_rope, attention_mask, **kwargs
+            )
         attn_output = attn_output.reshape(batch_size, q_len, self.num_heads * self.v_head_dim)
         return self.o_proj(attn_output), attn_weights
 
@@ -339,9 +341,7 @@ class MoeMtpMoE(nn.Module):
         counts = torch.bincount(expert_of_slot, minlength=len(self.experts)).tolist()
         sorted_tokens = tokens[order // top_k]
         outputs = [
-            self.experts[expert](chunk)
-            for expert, chunk in enumerate(sorted_tokens.split(counts))
-            if counts[expert]
+            self.experts[expert](chunk) for expert, chunk in enumerate(sorted_tokens.split(counts)) if counts[expert]
         ]
         weighted = torch.cat(outputs) * topk_weights.flatten()[order].unsqueeze(-1).to(tokens.dtype)
         # Each token owns exactly top_k slots: scatter back to slot order and sum, deterministic unlike index_add.
