@@ -7,6 +7,7 @@ the main stack loads them unchanged; the MTP modules live at `model.mtp_layers.{
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ def yarn_softmax_mscale(rope_parameters: dict) -> float:
     factor, mscale_all_dim = rope_parameters.get("factor", 1.0), rope_parameters.get("mscale_all_dim", 0)
     if rope_parameters.get("rope_type", "default") != "yarn" or not mscale_all_dim or factor <= 1:
         return 1.0
-    mscale = 0.1 * mscale_all_dim * torch.log(torch.tensor(float(factor))).item() + 1.0
+    mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
     return mscale * mscale
 
 
@@ -226,15 +227,28 @@ class MoeMtpAttention(nn.Module):
         )
 
     def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask) -> torch.Tensor:
-        """Attention in latent space: MQA with one (kv_lora_rank + rope_dim) key and a kv_lora_rank value."""
-        weight = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        """Attention in latent space: MQA with one (kv_lora_rank + rope_dim) key and a kv_lora_rank value.
+
+        Heads are folded into the query length so every matmul is a plain bmm with no broadcast copies.
+        """
+        batch_size, num_heads, q_len, _ = q_nope.shape
+        weight = self.kv_b_proj.weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_key, w_value = weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_latent = torch.matmul(q_nope, w_key)  # (batch, heads, q, kv_lora_rank)
-        scores = torch.matmul(q_latent, latent.transpose(2, 3)) + torch.matmul(q_rope, k_rope.transpose(2, 3))
-        scores = apply_attention_mask(scores * self.scaling, attention_mask)
+        q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(num_heads, batch_size * q_len, -1), w_key)
+        q_latent = (
+            q_latent.view(num_heads, batch_size, q_len, -1).transpose(0, 1).reshape(batch_size, num_heads * q_len, -1)
+        )
+        latent, k_rope = latent.squeeze(1), k_rope.squeeze(1)  # (batch, kv, dim)
+        scores = torch.bmm(q_latent, latent.transpose(1, 2))
+        scores = scores.baddbmm_(q_rope.reshape(batch_size, num_heads * q_len, -1), k_rope.transpose(1, 2))
+        scores = apply_attention_mask(scores.view(batch_size, num_heads, q_len, -1) * self.scaling, attention_mask)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
-        context = torch.matmul(probs, latent)  # (batch, heads, q, kv_lora_rank)
-        return torch.matmul(context, w_value.transpose(1, 2)).transpose(1, 2)  # (batch, q, heads, v_head_dim)
+        context = torch.bmm(probs.view(batch_size, num_heads * q_len, -1), latent)  # (batch, heads * q, kv_lora_rank)
+        context = (
+            context.view(batch_size, num_heads, q_len, -1).transpose(0, 1).reshape(num_heads, batch_size * q_len, -1)
+        )
+        output = torch.bmm(context, w_value.transpose(1, 2))  # (heads, batch * q, v_head_dim)
+        return output.view(num_heads, batch_size, q_len, -1).permute(1, 2, 0, 3)
 
 
 class MoeMtpMLP(nn.Module):
@@ -438,6 +452,8 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
     # V2-style checkpoints have no balancing bias; it starts at zero.
     _keys_to_ignore_on_load_missing = [r"e_score_correction_bias"]
+    # Extra MTP modules in a checkpoint are dropped with a note (see `from_pretrained`), not reported as errors.
+    _keys_to_ignore_on_load_unexpected = [r"^model\.mtp_layers\."]
 
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
@@ -447,6 +463,37 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             init.zeros_(module.tokens_per_expert)
         elif isinstance(module, MoeMtpRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(self.config)[0])
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
+        kept_depth = model.config.num_nextn_predict_layers
+        if isinstance(saved_depth, int) and saved_depth > kept_depth:
+            logger.warning(
+                f"The checkpoint has {saved_depth} MTP module(s); modules {kept_depth}..{saved_depth - 1} were dropped "
+                f"because num_nextn_predict_layers={kept_depth}."
+            )
+        return model
+
+
+def _saved_config_value(path, key: str, kwargs: dict):
+    """Reads one value from the checkpoint's own config.json (before any override)."""
+    import json
+
+    from transformers.utils import cached_file
+
+    hub_kwargs = {
+        k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
+    }
+    try:
+        config_file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    except OSError:
+        return None
+    if config_file is None:
+        return None
+    with open(config_file) as f:
+        return json.load(f).get(key)
 
 
 @dataclass

@@ -1,0 +1,61 @@
+# Developer and CI entry points. `make test` is the one command the README and .ci/run promise.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned and installed before the package: a bare `torch` requirement may resolve to a multi-GB CUDA build,
+# while this exact version is found as a local CPU wheel through pip's configuration.
+TORCH_SPEC ?= torch==2.13.0
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS=tests/test_configuration.py`.
+PYTEST_ARGS ?=
+
+# Stamps live inside the venv so that deleting .venv resets them too.
+VENV_STAMP := $(VENV)/.moe-mtp-venv
+INSTALL_STAMP := $(VENV)/.moe-mtp-installed
+
+.PHONY: test lint bench clean distclean install
+
+test: $(INSTALL_STAMP)
+	$(VENV)/bin/ruff check .
+	@# Formatting is advisory: report drift without failing the build.
+	@$(VENV)/bin/ruff format --check . >/dev/null 2>&1 || echo "note: 'ruff format --check .' reports unformatted files"
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(INSTALL_STAMP)
+	$(VENV)/bin/ruff check .
+
+install: $(INSTALL_STAMP)
+
+# A stamp rather than $(PY) as the target: a half-finished venv (torch install interrupted) must be redone.
+$(VENV_STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(TORCH_SPEC)
+	touch $@
+
+# Re-install only when the package metadata changed; code changes need nothing (editable install).
+$(INSTALL_STAMP): pyproject.toml $(VENV_STAMP)
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+# Runs every benchmarks/*.py script (files starting with `_` are helpers); stops at the first failure.
+bench: $(INSTALL_STAMP)
+	@set -e; found=0; \
+	for script in benchmarks/[!_]*.py; do \
+		[ -e "$$script" ] || continue; found=1; \
+		echo "== $$script"; $(PY) "$$script"; \
+	done; \
+	[ $$found = 1 ] || echo "no benchmark scripts under benchmarks/ yet"
+
+# --- quickstart -------------------------------------------------------------------------------------------------
+# `make quickstart` (a small end-to-end training + generation run) arrives with the training issue.
+# Intentionally absent until then.
+# ----------------------------------------------------------------------------------------------------------------
+
+# Build outputs and caches; leaves .venv and outputs/ (training results) alone.
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Everything `clean` removes, plus the venv.
+distclean: clean
+	rm -rf $(VENV)

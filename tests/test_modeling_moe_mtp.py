@@ -1,0 +1,360 @@
+"""Behaviour of modeling/modeling_moe_mtp.py on tiny in-memory models."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_router_bias, tiny_config
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from moe_mtp import MoeMtpForCausalLM, MoeMtpModel
+from moe_mtp.modeling.modeling_moe_mtp import MoeMtpMoE
+
+
+def make_model(kind="v3", **overrides) -> MoeMtpForCausalLM:
+    model = MoeMtpForCausalLM(tiny_config(kind, **overrides))
+    randomize_router_bias(model)
+    return model
+
+
+def batch(batch_size=2, seq_len=12, vocab=128):
+    return torch.randint(3, vocab, (batch_size, seq_len))
+
+
+# ---------------------------------------------------------------------------------------------------------------- MTP
+
+
+def ce(logits, targets):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+
+
+def mtp_by_definition(model, input_ids):
+    """Recomputes every MTP depth from the definitions, using only the model's weights and sub-layers."""
+    inner = model.model
+    h = inner(input_ids).last_hidden_state  # h^(0): final normalized hidden state of the main model
+    batch_size, seq_len = input_ids.shape
+    positions = torch.arange(seq_len).expand(batch_size, -1)
+    logits = []
+    for k, mtp in enumerate(inner.mtp_layers, start=1):
+        n = seq_len - k
+        emb = inner.embed_tokens(input_ids[:, k:])  # embedding of t_(i+k) for i = 0..n-1
+        x = mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(h[:, :n])], dim=-1))  # [embedding; hidden]
+        cos_sin = inner.rotary_emb(emb, positions[:, k:])  # rope positions of the embedded tokens
+        causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+        attn, _ = mtp.self_attn(mtp.input_layernorm(x), position_embeddings=cos_sin, attention_mask=causal)
+        x = x + attn
+        x = x + mtp.mlp(mtp.post_attention_layernorm(x))
+        h = mtp.shared_head.norm(x)
+        logits.append(model.lm_head(h))
+    return logits
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mtp_logits_and_loss_match_the_definition(depth):
+    model = make_model(num_nextn_predict_layers=depth, attn_implementation="eager").eval()
+    input_ids = batch(seq_len=10)
+    labels = input_ids.clone()
+    labels[0, 3] = -100  # ignored at every depth
+    out = model(input_ids, labels=labels)
+    expected = mtp_by_definition(model, input_ids)
+    assert len(out.mtp_logits) == depth
+    for k, (got, want) in enumerate(zip(out.mtp_logits, expected, strict=True), start=1):
+        assert got.shape == (2, 10 - k, 128)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    main = ce(out.logits[:, :-1], labels[:, 1:])
+    mtp = [ce(lg[:, :-1], labels[:, k + 1 :]) for k, lg in enumerate(expected, start=1)]
+    torch.testing.assert_close(out.main_loss, main, atol=1e-5, rtol=1e-5)
+    for got, want in zip(out.mtp_losses, mtp, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert out.aux_loss is None  # eval mode: no balance loss
+    torch.testing.assert_close(out.loss, main + 0.3 * torch.stack(mtp).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_loss_decomposition_with_balance_loss_in_training():
+    model = make_model(num_nextn_predict_layers=1, seq_aux_loss_alpha=0.01).train()
+    input_ids = batch(seq_len=16)
+    out = model(input_ids, labels=input_ids)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    total = out.main_loss + model.config.mtp_loss_weight * torch.stack(out.mtp_losses).mean() + out.aux_loss
+    torch.testing.assert_close(out.loss, total)
+    # Balanced routing gives sum_i f_i P_i = 1 per layer at best; the loss is alpha times the layer count at most a
+    # few multiples of that.
+    moe_layers = len(model.moe_routers())
+    assert 0.5 * moe_layers * 0.01 < out.aux_loss.item() < 8 * moe_layers * 0.01
+
+
+def test_sequence_balance_loss_ignores_padding():
+    model = make_model(num_nextn_predict_layers=0, seq_aux_loss_alpha=0.01).train()
+    input_ids = batch(batch_size=1, seq_len=8)
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), input_ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    plain = model(input_ids, labels=input_ids).aux_loss
+    left_padded = model(padded, attention_mask=mask, position_ids=positions, labels=padded.masked_fill(mask == 0, -100))
+    torch.testing.assert_close(left_padded.aux_loss, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_reach_every_mtp_parameter_and_eh_proj_halves_differ():
+    model = make_model(num_nextn_predict_layers=1).train()
+    input_ids = batch(batch_size=4, seq_len=32)
+    model(input_ids, labels=input_ids).loss.backward()
+    for name, param in model.model.mtp_layers.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    grad = model.model.mtp_layers[0].eh_proj.weight.grad
+    hidden = model.config.hidden_size
+    embed_half, hidden_half = grad[:, :hidden], grad[:, hidden:]
+    assert not torch.allclose(embed_half, hidden_half)
+    assert embed_half.abs().sum() > 0 and hidden_half.abs().sum() > 0
+
+
+def test_zero_mtp_depth_is_a_plain_decoder():
+    model = make_model(num_nextn_predict_layers=0)
+    assert len(model.model.mtp_layers) == 0
+    assert not any("mtp" in name for name in model.state_dict())
+    input_ids = batch()
+    out = model(input_ids, labels=input_ids)
+    assert out.mtp_logits is None and out.mtp_losses is None
+    torch.testing.assert_close(out.loss, out.main_loss + (out.aux_loss if out.aux_loss is not None else 0))
+
+
+def test_mtp_weight_zero_skips_the_mtp_forward():
+    model = make_model(num_nextn_predict_layers=1, mtp_loss_weight=0.0).eval()
+    out = model(batch(), labels=batch())
+    assert out.mtp_losses is None and out.loss is out.main_loss
+    assert model(batch(), output_mtp_logits=True).mtp_logits[0].shape == (2, 11, 128)
+
+
+# ---------------------------------------------------------------------------------------------------------------- MoE
+
+
+def dispatch_by_loop(moe: MoeMtpMoE, tokens, indices, weights):
+    out = torch.zeros_like(tokens)
+    for t in range(tokens.shape[0]):
+        for slot in range(indices.shape[1]):
+            out[t] += weights[t, slot] * moe.experts[int(indices[t, slot])](tokens[t])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2_lite", "group_limited_greedy"])
+def test_grouped_dispatch_matches_a_per_token_loop(kind):
+    model = make_model(kind)
+    moe = model.model.layers[1].mlp
+    tokens = torch.randn(40, 64)
+    _, weights, indices = moe.gate(tokens)
+    torch.testing.assert_close(
+        moe.dispatch(tokens, indices, weights), dispatch_by_loop(moe, tokens, indices, weights), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_router_bias_changes_choice_but_not_gate_weights():
+    model = make_model("v3")
+    router = model.model.layers[1].mlp.gate
+    tokens = torch.randn(64, 64)
+    with torch.no_grad():
+        router.e_score_correction_bias.zero_()
+        _, _, before = router(tokens)
+        router.e_score_correction_bias[3] = 10.0  # force expert 3 into every choice
+        logits, weights, after = router(tokens)
+    assert (after == 3).any(dim=1).all() and not (before == 3).any(dim=1).all()
+    # Gate weights come from the unbiased scores of the chosen experts.
+    scores = logits.sigmoid().gather(1, after)
+    torch.testing.assert_close(weights, scores / scores.sum(-1, keepdim=True) * 2.5)
+
+
+def test_group_limited_routing_stays_within_topk_groups():
+    model = make_model("v3")
+    router = model.model.layers[1].mlp.gate
+    _, _, indices = router(torch.randn(200, 64))
+    experts_per_group = 8 // 4
+    groups = [set(row.tolist()) for row in indices // experts_per_group]
+    assert all(len(g) <= 2 for g in groups)  # topk_group = 2
+    assert len(set().union(*groups)) == 4  # yet every group is used by some token
+
+
+def test_training_forward_records_expert_load_once_per_token_even_with_checkpointing():
+    model = make_model(num_nextn_predict_layers=1).train()
+    input_ids = batch(batch_size=2, seq_len=10)
+    routers = model.moe_routers()
+    model(input_ids, labels=input_ids).loss.backward()
+    plain = [r.tokens_per_expert.clone() for r in routers]
+    main_tokens, mtp_tokens = 2 * 10, 2 * 9
+    assert [int(c.sum()) for c in plain] == [main_tokens * 2] * 2 + [mtp_tokens * 2]
+    for r in routers:
+        r.tokens_per_expert.zero_()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model(input_ids, labels=input_ids).loss.backward()
+    for before, router in zip(plain, routers, strict=True):
+        torch.testing.assert_close(router.tokens_per_expert, before)
+    model.eval()
+    model(input_ids)
+    for before, router in zip(plain, routers, strict=True):
+        torch.testing.assert_close(router.tokens_per_expert, before)  # eval forwards are not counted
+
+
+# ------------------------------------------------------------------------------------------------ attention and cache
+
+
+def test_cache_holds_only_the_latent_and_rope_key():
+    config = tiny_config("v3")
+    model = MoeMtpForCausalLM(config).eval()
+    out = model(batch(batch_size=3, seq_len=7), use_cache=True)
+    assert len(out.cache.layers) == config.num_hidden_layers
+    for layer in out.cache.layers:
+        assert layer.keys.shape == (3, 1, 7, config.kv_lora_rank)
+        assert layer.values.shape == (3, 1, 7, config.qk_rope_head_dim)
+        assert layer.keys.shape[-1] + layer.values.shape[-1] == config.cache_dim == 16 + 8
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_absorbed_decode_matches_expanded_full_forward(impl):
+    model = make_model(attn_implementation=impl).eval()
+    input_ids = batch(seq_len=14)
+    with torch.no_grad():
+        full = model(input_ids).logits
+        step = model(input_ids[:, :5], use_cache=True)
+        logits, cache = [step.logits], step.cache
+        for t in range(5, 14):
+            step = model(input_ids[:, t : t + 1], cache=cache, use_cache=True)
+            logits.append(step.logits)
+            cache = step.cache
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_and_sdpa_agree():
+    model = make_model().eval()
+    input_ids = batch()
+    mask = torch.ones_like(input_ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        eager = model.set_attn_implementation("eager") or model(input_ids, attention_mask=mask).logits
+        sdpa = model.set_attn_implementation("sdpa") or model(input_ids, attention_mask=mask).logits
+    torch.testing.assert_close(eager[0], sdpa[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager[1, 3:], sdpa[1, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batched_generation_equals_per_row_generation():
+    model = make_model(num_nextn_predict_layers=1).eval()
+    rows = [torch.randint(3, 128, (n,)) for n in (9, 5, 7)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.stack([F.pad(r, (width - len(r), 0), value=0) for r in rows])
+    mask = torch.stack([F.pad(torch.ones_like(r), (width - len(r), 0)) for r in rows])
+    batched = model.generate(input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for i, row in enumerate(rows):
+        single = model.generate(row[None], max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(batched[i, width:], single[0, len(row) :]), i
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = make_model(num_nextn_predict_layers=1, seq_aux_loss_alpha=1e-3).train()
+    input_ids = batch(batch_size=2, seq_len=12)
+
+    def grads():
+        model.zero_grad()
+        model(input_ids, labels=input_ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 50
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# -------------------------------------------------------------------------------------------------- HF integration
+
+
+def test_auto_classes_resolve_to_ours(tmp_path):
+    config = tiny_config()
+    assert isinstance(AutoModelForCausalLM.from_config(config), MoeMtpForCausalLM)
+    assert isinstance(AutoModel.from_config(config), MoeMtpModel)
+    config.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)).__name__ == "MoeMtpConfig"
+
+
+def test_save_and_load_round_trip_is_bit_exact(tmp_path):
+    model = make_model(num_nextn_predict_layers=2)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, MoeMtpForCausalLM)
+    original, reloaded = model.state_dict(), loaded.state_dict()
+    assert original.keys() == reloaded.keys()
+    assert any(k.endswith("e_score_correction_bias") for k in original)
+    for key in original:
+        assert torch.equal(original[key], reloaded[key]), key
+    assert reloaded["model.mtp_layers.1.mlp.gate.e_score_correction_bias"].abs().sum() > 0
+
+
+def test_loading_with_fewer_mtp_modules_drops_them_with_a_note(tmp_path, caplog):
+    make_model(num_nextn_predict_layers=1).save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        loaded = MoeMtpForCausalLM.from_pretrained(tmp_path, num_nextn_predict_layers=0)
+    assert len(loaded.model.mtp_layers) == 0
+    assert "dropped because num_nextn_predict_layers=0" in caplog.text
+
+
+def test_dtype_and_fp32_router(tmp_path):
+    make_model().save_pretrained(tmp_path)
+    for dtype in (torch.bfloat16, torch.float16):
+        model = MoeMtpForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+        router = model.model.layers[1].mlp.gate
+        assert model.lm_head.weight.dtype == dtype
+        assert router.weight.dtype == torch.float32 and router.e_score_correction_bias.dtype == torch.float32
+        out = model(batch(), labels=batch())
+        assert out.logits.dtype == dtype and torch.isfinite(out.loss)
+
+
+def test_device_map_auto_loads(tmp_path):
+    make_model().save_pretrained(tmp_path)
+    model = MoeMtpForCausalLM.from_pretrained(tmp_path, device_map="auto")
+    assert next(model.parameters()).device.type == "cpu"
+    assert model(batch()).logits.shape == (2, 12, 128)
+
+
+def test_tied_embeddings_and_resize_reach_the_mtp_head():
+    model = make_model(tie_word_embeddings=True, num_nextn_predict_layers=1)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.resize_token_embeddings(160)
+    assert model.lm_head.weight.shape[0] == 160 and model.config.vocab_size == 160
+    out = model(batch(vocab=160), output_mtp_logits=True)
+    assert out.logits.shape[-1] == 160 and out.mtp_logits[0].shape[-1] == 160
+
+
+def test_untied_resize_keeps_mtp_sharing_the_new_head():
+    model = make_model(num_nextn_predict_layers=1)
+    model.resize_token_embeddings(150)
+    out = model(batch(vocab=150), labels=batch(vocab=150))
+    assert out.mtp_logits[0].shape[-1] == 150 and torch.isfinite(out.loss)
+
+
+def test_logits_to_keep_and_legacy_name():
+    model = make_model().eval()
+    input_ids = batch()
+    full = model(input_ids).logits
+    torch.testing.assert_close(model(input_ids, logits_to_keep=1).logits, full[:, -1:])
+    torch.testing.assert_close(model(input_ids, num_logits_to_keep=3).logits, full[:, -3:])
+
+
+def test_hidden_states_attentions_and_router_logits():
+    model = make_model(attn_implementation="eager", num_nextn_predict_layers=1).eval()
+    out = model(batch(), output_hidden_states=True, output_attentions=True, output_router_logits=True)
+    config = model.config
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
+    assert len(out.attentions) == config.num_hidden_layers
+    assert out.attentions[0].shape == (2, config.num_attention_heads, 12, 12)
+    assert len(out.router_logits) == config.num_hidden_layers - config.first_k_dense_replace
+    assert out.router_logits[0].shape == (24, config.n_routed_experts)
+
+
+def test_tuple_output_and_inputs_embeds():
+    model = make_model().eval()
+    input_ids = batch()
+    logits = model(input_ids).logits
+    embeds = model.get_input_embeddings()(input_ids)
+    torch.testing.assert_close(model(inputs_embeds=embeds).logits, logits)
+    assert isinstance(model(input_ids, return_dict=False), tuple)
+    with pytest.raises(ValueError, match="exactly one of"):
+        model(input_ids, inputs_embeds=embeds)
