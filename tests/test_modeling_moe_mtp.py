@@ -358,3 +358,26 @@ def test_tuple_output_and_inputs_embeds():
     assert isinstance(model(input_ids, return_dict=False), tuple)
     with pytest.raises(ValueError, match="exactly one of"):
         model(input_ids, inputs_embeds=embeds)
+
+
+def test_peft_lora_targets_the_experts_and_keeps_decode_exact():
+    from peft import LoraConfig, get_peft_model
+
+    model = make_model(num_nextn_predict_layers=1)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj", "kv_b_proj"]))
+    input_ids = batch(batch_size=4, seq_len=16)
+    lora(input_ids=input_ids, labels=input_ids).loss.backward()
+    trained = {n for n, p in lora.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(".mlp.experts.5.down_proj.lora_B" in n for n in trained)
+    assert any("mtp_layers.0.mlp.experts." in n and "lora_B" in n for n in trained)
+    # A LoRA-wrapped kv_b_proj makes decode take the expanded path, which must still match the full forward.
+    lora.eval()
+    with torch.no_grad():
+        for module in lora.modules():
+            if hasattr(module, "lora_B"):
+                for weight in module.lora_B.values():
+                    weight.weight.normal_(std=0.05)
+        full = lora(input_ids=input_ids).logits
+        step = lora(input_ids=input_ids[:, :15], use_cache=True)
+        last = lora(input_ids=input_ids[:, 15:], cache=step.cache, use_cache=True).logits
+    torch.testing.assert_close(last[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
