@@ -8,6 +8,7 @@ the main stack loads them unchanged; the MTP modules live at `model.mtp_layers.{
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -466,15 +467,47 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Loads moe_mtp folders, and also released DeepSeek (`deepseek_v3`/`deepseek_v2`, FP8 or not) and
+        transformers-saved folders directly: the config is translated, FP8 weights are dequantized and the MTP layer
+        (released at `model.layers.{num_hidden_layers + k}`) lands in `model.mtp_layers`. Those folders are read
+        whole into memory; for very large checkpoints convert them once with `python -m moe_mtp.conversion`."""
+        model_type = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
+        if model_type in FOREIGN_MODEL_TYPES and kwargs.get("config") is None:
+            return cls._from_foreign_layout(pretrained_model_name_or_path, *model_args, **kwargs)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
-        kept_depth = model.config.num_nextn_predict_layers
-        if isinstance(saved_depth, int) and saved_depth > kept_depth:
-            logger.warning(
-                f"The checkpoint has {saved_depth} MTP module(s); modules {kept_depth}..{saved_depth - 1} were dropped "
-                f"because num_nextn_predict_layers={kept_depth}."
-            )
+        if isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
+            _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
         return model
+
+    @classmethod
+    def _from_foreign_layout(cls, path, *model_args, **kwargs):
+        from ..conversion import load_state_dict_from_folder, read_config_dict
+
+        if not os.path.isdir(path):
+            raise OSError(f"{path}: released DeepSeek checkpoints load from a local folder; download it first.")
+        saved = read_config_dict(path)
+        config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in MoeMtpConfig.__dataclass_fields__}
+        config = MoeMtpConfig.from_dict({**saved, **config_kwargs})
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        dtype = dtype if isinstance(dtype, torch.dtype) else None
+        state_dict = load_state_dict_from_folder(path, MoeMtpConfig.from_dict(saved), dtype=dtype)
+        saved_depth, kept_depth = saved.get("num_nextn_predict_layers", 0), config.num_nextn_predict_layers
+        if saved_depth > kept_depth:
+            dropped = tuple(f"model.mtp_layers.{k}." for k in range(kept_depth, saved_depth))
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
+            _note_dropped_mtp(saved_depth, kept_depth)
+        return super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
+
+
+FOREIGN_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+
+
+def _note_dropped_mtp(saved_depth: int, kept_depth: int):
+    logger.warning(
+        f"The checkpoint has {saved_depth} MTP module(s); modules {kept_depth}..{saved_depth - 1} were dropped "
+        f"because num_nextn_predict_layers={kept_depth}."
+    )
 
 
 def _saved_config_value(path, key: str, kwargs: dict):
