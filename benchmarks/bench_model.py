@@ -71,6 +71,12 @@ def decode(model, input_ids):
     model.generate(input_ids[:, :PROMPT], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
 
 
+def moe_layer_step(layer, hidden_states):
+    """One MoE layer alone, forward + backward: shows whether expert dispatch is a bottleneck."""
+    layer.zero_grad(set_to_none=True)
+    layer(hidden_states).sum().backward()
+
+
 def measure(fn, models, input_ids, repeats):
     times = {name: [] for name in models}
     for model in models.values():
@@ -105,6 +111,8 @@ def main():
         ("prefill", prefill, BATCH * SEQ, 1.0),
         ("greedy decode", decode, BATCH * NEW_TOKENS, 1.0),
     ]
+    hidden_states = torch.randn(BATCH, SEQ, CONFIG["hidden_size"], requires_grad=True)
+    moe_layers = {"moe_mtp": ours.model.layers[1].mlp, "transformers": theirs.model.layers[1].mlp}
     print(f"{'row':<22}{'moe_mtp tok/s':>15}{'transformers tok/s':>20}{'ratio':>8}{'target':>8}")
     for label, fn, tokens, target in rows:
         seconds = measure(fn, models, input_ids, args.repeats)
@@ -113,6 +121,13 @@ def main():
             f"{label:<22}{tokens / seconds['moe_mtp']:>15.0f}{tokens / seconds['transformers']:>20.0f}"
             f"{ratio:>7.2f}x{target:>7.1f}x"
         )
+    seconds = measure(moe_layer_step, moe_layers, hidden_states, args.repeats)
+    ratio = seconds["transformers"] / seconds["moe_mtp"]
+    tokens = BATCH * SEQ
+    print(
+        f"{'MoE layer (fwd+bwd)':<22}{tokens / seconds['moe_mtp']:>15.0f}{tokens / seconds['transformers']:>20.0f}"
+        f"{ratio:>7.2f}x{'-':>8}"
+    )
 
 
 if __name__ == "__main__":

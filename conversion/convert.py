@@ -1,0 +1,290 @@
+"""The streaming folder converter, and folder loading for `from_pretrained`.
+
+`convert` reads one tensor (or one chunk of rows) at a time and streams each output shard to disk, so its memory
+stays around the largest single tensor it has to transform (a float32 copy of it when quantizing to FP8), whatever
+the model size. Output goes to `DST.partial`, renamed to DST only once complete; any error removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from .configs import (
+    DTYPE_STRINGS,
+    build_moe_mtp_config,
+    config_family,
+    deepseek_config_dict,
+    moe_mtp_config_dict,
+    read_json,
+    transformers_config_dict,
+)
+from .errors import ConversionError
+from .layouts import (
+    FolderStore,
+    FP8Format,
+    Plan,
+    Source,
+    check_dropped,
+    get_layout,
+    plan_outputs,
+    resolve_dtype,
+    resolve_source,
+    run_to_dict,
+)
+from .safetensors_io import INDEX_NAME, PICKLE_SUFFIXES, parse_size, plan_shards, read_folder_headers, shard_names
+from .summary import detect_layout, format_inspect, inspect, mtp_module
+
+FORMATS = ("moe_mtp", "deepseek", "transformers")
+# Files besides the weights that a checkpoint needs to be usable: tokenizer, chat template, generation defaults.
+COPY_PATTERNS = ("tokenizer*.json", "tokenizer.model", "tokenizer*.model", "special_tokens_map.json",
+                 "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "*.tiktoken",
+                 "tiktoken.model", "chat_template*", "*.jinja", "tokenization_*.py")  # fmt: skip
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_source_folder(src: Path):
+    if src.is_file() and src.suffix in PICKLE_SUFFIXES:
+        raise ConversionError(f"{src}: pickle checkpoints are not supported (safetensors only; never unpickled)")
+    if not src.is_dir():
+        raise ConversionError(f"{src}: no such checkpoint folder")
+
+
+def open_source(src, src_format: str = "auto", allow_unknown: bool = False, config=None) -> tuple[dict, Source]:
+    """Read a folder's config and headers and match them: (moe_mtp config dict, Source). Nothing is loaded.
+
+    `config` (a MoeMtpConfig) overrides the folder's config.json for the shape checks.
+    """
+    src = Path(src)
+    _check_source_folder(src)
+    released = read_json(src / "config.json")
+    family = config_family(released)
+    infos = read_folder_headers(src)
+    layout_name = detect_layout(infos, family) if src_format == "auto" else src_format
+    layout = get_layout(layout_name)
+    ours = moe_mtp_config_dict(released)
+    if family != "moe_mtp" and "num_nextn_predict_layers" not in released:
+        # a config that does not say: the MTP modules present decide
+        n = ours["num_hidden_layers"]
+        modules = {m for m in (mtp_module(k, n) for k in infos) if m is not None}
+        ours["num_nextn_predict_layers"] = max(modules) + 1 if modules else 0
+    if config is None:
+        config = build_moe_mtp_config(ours, str(src / "config.json"))
+    fp8_format = FP8Format.from_config(released.get("quantization_config"))
+    source = resolve_source(FolderStore(infos), layout, config, fp8_format, allow_unknown)
+    if source.config.num_nextn_predict_layers != config.num_nextn_predict_layers:
+        ours["num_nextn_predict_layers"] = source.config.num_nextn_predict_layers
+    return ours, source
+
+
+def read_config_dict(folder) -> dict:
+    """The moe_mtp config dict of any supported folder (released deepseek, transformers or moe_mtp).
+
+    MTP modules count as present only if their weights are (transformers-saved folders have none).
+    """
+    ours, source = open_source(folder, allow_unknown=True)
+    source.store.close()
+    return ours
+
+
+def load_state_dict_from_folder(folder, config, dtype=None) -> dict[str, torch.Tensor]:
+    """All weights of a deepseek / transformers / moe_mtp folder, in moe_mtp names, checked against `config`.
+
+    FP8 weights are dequantized (to `dtype`, else to the folder's unquantized dtype); `dtype` (a torch dtype or
+    'bf16'/'fp32') casts floating tensors, except the float32 router bias. The whole state dict is in memory.
+    """
+    _, source = open_source(folder, config=config)
+    try:
+        plan = plan_outputs(source, get_layout("moe_mtp"), resolve_dtype(dtype), allow_raw=False)
+        return run_to_dict(plan)
+    finally:
+        source.store.close()
+
+
+def destination_config(ours: dict, plan: Plan, dst_format: str) -> dict:
+    """config.json for the destination, from the source's moe_mtp config dict and the plan."""
+    ours = dict(ours)
+    ours["num_nextn_predict_layers"] = plan.config.num_nextn_predict_layers
+    dtype = _dtype_name(plan.dtype)
+    if dst_format == "moe_mtp":
+        ours["dtype"] = dtype
+        return ours
+    if dst_format == "deepseek":
+        quantization = plan.fp8.quantization_config() if plan.fp8 else None
+        return deepseek_config_dict(ours, quantization, DTYPE_STRINGS.get(dtype, dtype))
+    return transformers_config_dict(plan.config, dtype)
+
+
+def _config_changes(before: dict, after: dict) -> dict:
+    return {
+        "added": {k: after[k] for k in after if k not in before},
+        "removed": sorted(k for k in before if k not in after),
+        "changed": {k: [before[k], after[k]] for k in after if k in before and before[k] != after[k]},
+    }
+
+
+def _copy_extra_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for pattern in COPY_PATTERNS:
+        for path in sorted(src.glob(pattern)):
+            if path.is_file() and path.name not in copied and path.name != "config.json":
+                shutil.copy2(path, dst / path.name)
+                copied.append(path.name)
+    return copied
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _write(plan: Plan, source: Source, out: Path, shard_bytes: int, progress: bool) -> tuple[list[str], int]:
+    from tqdm.auto import tqdm
+
+    from .safetensors_io import write_shard
+
+    entries = [o.entry for o in plan.outputs]
+    producers = {o.entry.key: o.produce for o in plan.outputs}
+    shards = plan_shards(entries, shard_bytes)
+    names = list(shard_names(len(shards)))
+    total = sum(e.nbytes for e in entries)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress, desc="converting",
+               file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    done = [0]
+
+    def advance(entry):
+        done[0] += 1
+        bar.update(entry.nbytes)
+        if done[0] % 64 == 0 or done[0] == len(entries):
+            bar.set_postfix_str(f"{done[0]}/{len(entries)} tensors", refresh=False)
+
+    reader = getattr(source.store, "reader", None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the chunked kernels are memory-bound: extra threads only add overhead
+    try:
+        for name, shard in zip(names, shards, strict=True):
+            write_shard(out / name, shard, lambda e: producers[e.key](), reader, advance)
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    if len(shards) > 1:
+        weight_map = {e.key: name for name, shard in zip(names, shards, strict=True) for e in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names, total
+
+
+def convert(
+    src,
+    dst,
+    *,
+    src_format: str = "auto",
+    dst_format: str = "moe_mtp",
+    dtype=None,
+    shard_size="5GB",
+    dry_run: bool = False,
+    force: bool = False,
+    allow_unknown: bool = False,
+    progress: bool = True,
+    scale_fmt: str | None = "inherit",
+) -> dict:
+    """Convert checkpoint folder `src` into `dst` (see docs/conversion.md).
+
+    src_format: "auto" (from config.json and tensor names), "deepseek", "transformers" or "moe_mtp".
+    dst_format: "moe_mtp", "deepseek" or "transformers".
+    dtype: None (keep; FP8 stays FP8 only into deepseek), "bf16", "fp32", or "fp8" (deepseek only, quantized as
+    the release: 128x128 blocks, `scale_fmt` "inherit" from an FP8 source, None or "ue8m0").
+    The tokenizer/generation files are copied and config.json is translated. DST is written as DST.partial and
+    renamed when complete; an existing DST is replaced only with `force` (and only once the new one is complete).
+    Returns a summary dict (also printed for `dry_run`, which writes nothing). Errors raise ConversionError.
+    """
+    src, dst = Path(src), Path(dst)
+    if src_format not in ("auto", *FORMATS):
+        raise ConversionError(f"unknown source format {src_format!r}; expected auto or one of {FORMATS}")
+    if dst_format not in FORMATS:
+        raise ConversionError(f"unknown destination format {dst_format!r}; expected one of {FORMATS}")
+    shard_bytes = parse_size(shard_size)
+    _check_source_folder(src)
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ConversionError(f"{dst}: the destination must not be the source folder or inside it")
+    if (dst.exists() or dst.is_symlink()) and not force and not dry_run:
+        raise ConversionError(f"{dst} already exists; pass force=True (--force) to replace it")
+    partial = dst.with_name(dst.name + ".partial")
+    ours, source = open_source(src, src_format, allow_unknown)
+    try:
+        plan = plan_outputs(source, get_layout(dst_format), resolve_dtype(dtype), scale_fmt)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_dropped(source, plan)
+        notes = [str(w.message) for w in caught]
+        if source.dropped_mtp:
+            notes.append("the source holds no MTP weights: the model has no MTP modules")
+        new_config = destination_config(ours, plan, dst_format)
+        entries = [o.entry for o in plan.outputs]
+        summary = {
+            "src": str(src),
+            "dst": str(dst),
+            "src_format": source.layout.name,
+            "dst_format": dst_format,
+            "dtype": "fp8" if plan.fp8 else _dtype_name(plan.dtype),
+            "num_tensors": len(entries),
+            "total_bytes": sum(e.nbytes for e in entries),
+            "num_shards": len(plan_shards(entries, shard_bytes)),
+            "config_changes": _config_changes(read_json(src / "config.json"), new_config),
+            "notes": notes,
+        }
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        if dry_run:
+            summary["inspect"] = inspect(src)
+            print(format_dry_run(summary))
+            return summary
+        try:
+            _remove(partial)  # left by a killed earlier run
+            partial.mkdir(parents=True)
+            _write(plan, source, partial, shard_bytes, progress)
+            (partial / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
+            summary["copied_files"] = _copy_extra_files(src, partial)
+            if dst.exists() or dst.is_symlink():
+                _remove(dst)
+            partial.rename(dst)
+        except BaseException as exc:
+            _remove(partial)
+            if isinstance(exc, OSError):
+                raise ConversionError(f"writing {dst}: {exc}") from exc
+            raise
+        return summary
+    finally:
+        source.store.close()
+
+
+def format_dry_run(summary: dict) -> str:
+    changes = summary["config_changes"]
+    lines = [
+        f"dry run: {summary['src']} ({summary['src_format']}) -> {summary['dst']} ({summary['dst_format']}, "
+        f"{summary['dtype']})",
+        f"would write {summary['num_tensors']} tensors, {summary['total_bytes']} bytes "
+        f"({summary['total_bytes'] / 1e9:.3f} GB) in {summary['num_shards']} shard(s)",
+        "config.json changes:",
+    ]
+    for key, value in changes["added"].items():
+        lines.append(f"  + {key}: {json.dumps(value)}")
+    for key in changes["removed"]:
+        lines.append(f"  - {key}")
+    for key, (old, new) in changes["changed"].items():
+        lines.append(f"  ~ {key}: {json.dumps(old)} -> {json.dumps(new)}")
+    for note in summary["notes"]:
+        lines.append(f"note: {note}")
+    lines.append("source:")
+    lines.append(format_inspect(summary["inspect"]))
+    return "\n".join(lines)

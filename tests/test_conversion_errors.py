@@ -1,0 +1,250 @@
+"""Bad input: every case raises ConversionError naming the file or tensor, exits 2 from the CLI, and leaves neither
+DST nor DST.partial behind."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conversion_fixtures import tiny_config, write_released
+from safetensors.torch import load_file, save_file
+
+from moe_mtp.conversion import ConversionError, convert
+from moe_mtp.conversion import fp8 as fp8_module
+from moe_mtp.conversion.cli import main
+
+INDEX = "model.safetensors.index.json"
+SCALE = "model.layers.1.mlp.experts.2.up_proj.weight_scale_inv"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    folder, _ = write_released(tmp_path_factory.mktemp("pristine") / "src", tiny_config())
+    return folder
+
+
+@pytest.fixture
+def src(pristine, tmp_path):
+    return Path(shutil.copytree(pristine, tmp_path / "src"))
+
+
+def shard_of(folder: Path, key: str) -> Path:
+    return folder / json.loads((folder / INDEX).read_text())["weight_map"][key]
+
+
+def edit_shard(folder: Path, key: str, new_value=None, new_key=None):
+    """Replace (or with new_value None, delete) tensor `key` in its shard, keeping the index right."""
+    path = shard_of(folder, key)
+    tensors = load_file(path)
+    del tensors[key]
+    index = json.loads((folder / INDEX).read_text())
+    del index["weight_map"][key]
+    if new_value is not None:
+        tensors[new_key or key] = new_value
+        index["weight_map"][new_key or key] = path.name
+    save_file(tensors, path, metadata={"format": "pt"})
+    (folder / INDEX).write_text(json.dumps(index))
+    return path
+
+
+def assert_fails(src: Path, tmp_path: Path, *patterns: str, **kwargs):
+    dst = tmp_path / "dst"
+    with pytest.raises(ConversionError) as info:
+        convert(src, dst, progress=False, **kwargs)
+    message = str(info.value)
+    for pattern in patterns:
+        assert pattern in message, f"{pattern!r} not in {message!r}"
+    assert not dst.exists() and not (tmp_path / "dst.partial").exists()
+    return message
+
+
+def test_missing_scale(src, tmp_path):
+    path = edit_shard(src, SCALE)
+    assert_fails(src, tmp_path, SCALE.removesuffix("_scale_inv"), "missing", path.name)
+
+
+def test_scale_of_the_wrong_shape(src, tmp_path):
+    path = edit_shard(src, SCALE, torch.ones(2, 3))
+    assert_fails(src, tmp_path, SCALE, "(2, 3)", "(1, 2)", path.name)
+
+
+def test_scale_for_a_tensor_that_is_not_fp8(src, tmp_path):
+    edit_shard(src, "model.norm.weight", torch.ones(192, dtype=torch.bfloat16))
+    shard = shard_of(src, "model.norm.weight")
+    tensors = load_file(shard)
+    tensors["model.norm.weight_scale_inv"] = torch.ones(1)
+    save_file(tensors, shard)
+    index = json.loads((src / INDEX).read_text())
+    index["weight_map"]["model.norm.weight_scale_inv"] = shard.name
+    (src / INDEX).write_text(json.dumps(index))
+    assert_fails(src, tmp_path, "model.norm.weight_scale_inv", "not FP8")
+
+
+def test_shape_disagrees_with_config(src, tmp_path):
+    config = json.loads((src / "config.json").read_text())
+    config["moe_intermediate_size"] = 64
+    (src / "config.json").write_text(json.dumps(config))
+    message = assert_fails(src, tmp_path, "shape", "(64, 192)", "(72, 192)", "model-0000")
+    assert "mlp.experts.0." in message or "shared_experts" in message
+
+
+def test_wrongly_shaped_single_tensor(src, tmp_path):
+    path = edit_shard(src, "model.layers.2.input_layernorm.weight", torch.ones(191, dtype=torch.bfloat16))
+    assert_fails(src, tmp_path, "'model.layers.2.input_layernorm.weight'", "(191,)", "(192,)", path.name)
+
+
+def test_unknown_tensor(src, tmp_path):
+    path = edit_shard(src, "model.norm.weight", torch.ones(192, dtype=torch.bfloat16))
+    tensors = load_file(path)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, path)
+    index = json.loads((src / INDEX).read_text())
+    index["weight_map"].update(
+        {"model.norm.weight": path.name, "model.layers.0.self_attn.rotary_emb.inv_freq": path.name}
+    )
+    (src / INDEX).write_text(json.dumps(index))
+    assert_fails(src, tmp_path, "'model.layers.0.self_attn.rotary_emb.inv_freq'", path.name, "--allow-unknown")
+    with pytest.warns(UserWarning, match="skipping 1 unknown"):
+        convert(src, tmp_path / "ok", allow_unknown=True, progress=False)
+    assert (tmp_path / "ok" / "config.json").exists()
+
+
+def test_missing_tensor(src, tmp_path):
+    edit_shard(src, "model.layers.2.mlp.experts.7.down_proj.weight")
+    edit_shard(src, "model.layers.2.mlp.experts.7.down_proj.weight_scale_inv")
+    assert_fails(src, tmp_path, "missing", "'model.layers.2.mlp.experts.7.down_proj.weight'")
+
+
+def test_truncated_shard(src, tmp_path):
+    path = src / "model-00002-of-00003.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    assert_fails(src, tmp_path, str(path), "truncated")
+    path.write_bytes(data[:20])  # not even the whole header
+    assert_fails(src, tmp_path, str(path), "truncated")
+
+
+def test_corrupt_file_is_reported_by_name(src, tmp_path):
+    path = src / "model-00003-of-00003.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:20] = b"not json at " if data[8:9] == b"{" else data[8:20]
+    path.write_bytes(bytes(data))
+    assert_fails(src, tmp_path, str(path))
+
+
+def test_index_points_to_a_missing_file(src, tmp_path):
+    (src / "model-00003-of-00003.safetensors").unlink()
+    assert_fails(src, tmp_path, INDEX, "model-00003-of-00003.safetensors", "does not exist")
+
+
+def test_tensor_stored_twice(src, tmp_path):
+    first = load_file(src / "model-00001-of-00003.safetensors")
+    key = next(iter(first))
+    last = src / "model-00003-of-00003.safetensors"
+    tensors = load_file(last)
+    tensors[key] = first[key]
+    save_file(tensors, last)
+    assert_fails(src, tmp_path, repr(key), "model-00001-of-00003.safetensors")
+
+
+def test_config_without_needed_fields(src, tmp_path):
+    config = json.loads((src / "config.json").read_text())
+    del config["num_hidden_layers"], config["qk_rope_head_dim"]
+    (src / "config.json").write_text(json.dumps(config))
+    assert_fails(src, tmp_path, "lacks required fields", "num_hidden_layers", "qk_rope_head_dim")
+
+
+def test_config_missing_or_invalid(src, tmp_path):
+    (src / "config.json").write_text("{not json")
+    assert_fails(src, tmp_path, "config.json", "not valid JSON")
+    (src / "config.json").unlink()
+    assert_fails(src, tmp_path, "config.json", "not found")
+
+
+def test_config_with_an_invalid_value(src, tmp_path):
+    config = json.loads((src / "config.json").read_text())
+    config["topk_group"] = 5
+    (src / "config.json").write_text(json.dumps(config))
+    assert_fails(src, tmp_path, "config.json", "topk_group")
+
+
+class _Boom:
+    """Unpickling this would create a marker file: it must never happen."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_checkpoints_are_refused_unread(tmp_path, pristine):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    shutil.copy(pristine / "config.json", folder / "config.json")
+    marker = tmp_path / "unpickled"
+    boom = _Boom()
+    boom.marker = marker
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(boom))
+    assert_fails(folder, tmp_path, "pytorch_model.bin", "only safetensors are supported")
+    assert_fails(folder / "pytorch_model.bin", tmp_path, "pickle")
+    assert not marker.exists()
+
+
+def test_error_while_writing_removes_the_partial_output(src, tmp_path, monkeypatch):
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 60:
+            raise ConversionError("tensor 'x': simulated failure half-way")
+        return real(*args, **kwargs)
+
+    real = fp8_module.iter_dequantize_block_fp8
+    monkeypatch.setattr(fp8_module, "iter_dequantize_block_fp8", failing)
+    assert_fails(src, tmp_path, "simulated failure", shard_size="50KB")
+    assert len(calls) == 60  # it failed half-way, after writing several shards
+
+
+def test_interrupt_while_writing_removes_the_partial_output(src, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fp8_module, "iter_dequantize_block_fp8", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, tmp_path / "dst", progress=False)
+    assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()
+
+
+def test_force_keeps_the_old_destination_when_the_new_one_fails(src, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    (src / "model-00001-of-00003.safetensors").unlink()
+    with pytest.raises(ConversionError):
+        convert(src, dst, force=True, progress=False)
+    assert (dst / "old.txt").read_text() == "old" and not (tmp_path / "dst.partial").exists()
+
+
+def test_stale_partial_from_a_killed_run_is_replaced(src, tmp_path):
+    stale = tmp_path / "dst.partial"
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    convert(src, tmp_path / "dst", progress=False)
+    assert not stale.exists() and not (tmp_path / "dst" / "junk").exists()
+
+
+def test_destination_inside_source_is_refused(src, tmp_path):
+    with pytest.raises(ConversionError, match="must not be the source"):
+        convert(src, src / "out", progress=False)
+
+
+@pytest.mark.parametrize("args", [["--from", "transformers"], ["--shard-size", "lots"], ["--dtype", "fp8"]])
+def test_cli_exit_code_2_without_traceback(src, tmp_path, capsys, args):
+    assert main([str(src), str(tmp_path / "dst"), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()
