@@ -1,4 +1,7 @@
-"""Tiny in-memory configs shared by the tests."""
+"""Tiny in-memory configs and the reference configs shared by the tests."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +57,18 @@ ROUTING = {
         norm_topk_prob=False, routed_scaling_factor=1.5,
     ),
 }  # fmt: skip
+
+
+# Public facts (released config.json files) live in the shared/ folder beside the repository, in CI too.
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+def reference_config(name: str) -> dict:
+    """A released config.json from shared/reference, or a skip naming where it was expected."""
+    path = REFERENCE / name
+    if not path.is_file():
+        pytest.skip(f"reference config {path} not found (expected the shared/ folder next to the repository)")
+    return json.loads(path.read_text())
 
 
 def tiny_config(kind: str = "v3", **overrides) -> MoeMtpConfig:

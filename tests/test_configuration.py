@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
+from conftest import reference_config
 
 from moe_mtp.configuration import MoeMtpConfig
 
 # In CI the reference data sits next to the clone: <parent>/shared/reference.
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 # A small valid config: 8 experts in 2 groups, one group per token, so 4 experts are reachable.
 TINY = dict(
@@ -99,10 +98,7 @@ def test_valid_edge_cases(overrides):
 
 
 def _released(name: str) -> dict:
-    path = REFERENCE / name
-    if not path.is_file():
-        pytest.skip(f"reference config {path} not found (expected the shared/ folder next to the repository)")
-    config = json.loads(path.read_text())
+    config = reference_config(name)
     config["model_type"] = "moe_mtp"
     return config
 

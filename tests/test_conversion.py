@@ -6,10 +6,10 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import reference_config
 from conversion_fixtures import (
     V2_LITE,
     load_folder,
@@ -36,8 +36,6 @@ from moe_mtp.conversion import (
     transformers_config,
 )
 from moe_mtp.conversion.cli import main
-
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 
 def dequantized(folder_tensors: dict, key: str, dtype=torch.bfloat16):
@@ -262,7 +260,7 @@ def test_load_state_dict_from_folder(released):
 
 
 def test_released_v3_config_translates_and_back():
-    released = json.loads((REFERENCE / "deepseek_v3_config.json").read_text())
+    released = reference_config("deepseek_v3_config.json")
     ours = moe_mtp_config_dict(released)
     assert ours["model_type"] == "moe_mtp" and ours["architectures"] == ["MoeMtpForCausalLM"]
     assert "quantization_config" not in ours and "auto_map" not in ours and "rope_scaling" not in ours
@@ -278,7 +276,7 @@ def test_released_v3_config_translates_and_back():
 
 
 def test_released_v2_lite_config_translates():
-    released = json.loads((REFERENCE / "deepseek_v2_lite_config.json").read_text())
+    released = reference_config("deepseek_v2_lite_config.json")
     config = MoeMtpConfig(**moe_mtp_config_dict(released))
     assert (config.scoring_func, config.topk_method, config.q_lora_rank) == ("softmax", "greedy", None)
     assert config.num_nextn_predict_layers == 0 and config.n_shared_experts == 2
@@ -297,7 +295,7 @@ def test_transformers_config_copies_the_architecture():
 
 def test_v3_parameter_counts_from_the_reference_config():
     """671B main-model parameters and 37B active per token (the V3 report), from the shapes alone."""
-    config = MoeMtpConfig(**moe_mtp_config_dict(json.loads((REFERENCE / "deepseek_v3_config.json").read_text())))
+    config = MoeMtpConfig(**moe_mtp_config_dict(reference_config("deepseek_v3_config.json")))
     shapes = canonical_shapes(config)
     numel = {k: torch.Size(s).numel() for k, s in shapes.items()}
     main = sum(v for k, v in numel.items() if not k.startswith("model.mtp_layers"))
