@@ -487,10 +487,11 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         if not os.path.isdir(path):
             raise OSError(f"{path}: released DeepSeek checkpoints load from a local folder; download it first.")
         saved = read_config_dict(path)
-        config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in MoeMtpConfig.__dataclass_fields__}
-        config = MoeMtpConfig.from_dict({**saved, **config_kwargs})
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         dtype = dtype if isinstance(dtype, torch.dtype) else None
+        config_fields = set(MoeMtpConfig.__dataclass_fields__) - {"dtype", "torch_dtype"}
+        config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in config_fields}
+        config = MoeMtpConfig.from_dict({**saved, **config_kwargs})
         state_dict = load_state_dict_from_folder(path, MoeMtpConfig.from_dict(saved), dtype=dtype)
         saved_depth, kept_depth = saved.get("num_nextn_predict_layers", 0), config.num_nextn_predict_layers
         if saved_depth > kept_depth:

@@ -3,6 +3,9 @@ released-layout FP8 checkpoint against a direct computation from its tensors."""
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import pytest
 import torch
 from conversion_fixtures import V2_LITE, tiny_config, write_released
@@ -143,3 +146,37 @@ def test_released_folder_loads_through_the_from_pretrained_helpers(tmp_path):
     model = MoeMtpForCausalLM(loaded_config)
     model.load_state_dict(load_state_dict_from_folder(src, loaded_config, dtype=torch.float32), strict=True)
     assert torch.equal(model.model.mtp_layers[1].hnorm.weight, ours["model.mtp_layers.1.hnorm.weight"].float())
+
+
+@pytest.mark.parametrize("kind, fp8", [("v3", True), ("v2_lite", False)])
+def test_from_pretrained_loads_a_released_folder_directly(kind, fp8, tmp_path):
+    config = tiny_config(**KINDS[kind])
+    src, _ = write_released(tmp_path / "release", config, fp8=fp8)
+    direct = MoeMtpForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    assert direct.config.model_type == "moe_mtp" and not hasattr(direct.config, "quantization_config")
+    assert direct.config.num_nextn_predict_layers == config.num_nextn_predict_layers
+    convert(src, tmp_path / "converted", dtype="fp32", progress=False)
+    converted = MoeMtpForCausalLM.from_pretrained(tmp_path / "converted").eval()
+    for key, value in converted.state_dict().items():
+        assert torch.equal(direct.state_dict()[key], value), key
+
+    theirs = hf_model(config)
+    weights = load_state_dict_from_folder(src, config, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' layout has no MTP modules
+        theirs.load_state_dict(convert_state_dict(weights, config, "moe_mtp", "transformers"), strict=True)
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (direct(ids).logits - theirs(ids).logits).abs().max() <= 1e-4
+        if config.num_nextn_predict_layers:
+            torch.testing.assert_close(
+                direct(ids, output_mtp_logits=True).mtp_logits[0], converted(ids, output_mtp_logits=True).mtp_logits[0]
+            )
+
+
+def test_from_pretrained_of_a_release_can_drop_its_mtp_layer(tmp_path, caplog):
+    src, _ = write_released(tmp_path / "release", tiny_config())
+    with caplog.at_level(logging.WARNING):
+        model = MoeMtpForCausalLM.from_pretrained(src, num_nextn_predict_layers=0, dtype=torch.bfloat16)
+    assert len(model.model.mtp_layers) == 0 and model.dtype == torch.bfloat16
+    assert "dropped because num_nextn_predict_layers=0" in caplog.text
