@@ -42,6 +42,7 @@ CONFIG = dict(
     seq_aux_loss_alpha=0.0,
 )
 BATCH, SEQ, PROMPT, NEW_TOKENS = 4, 256, 256, 32
+LONG_PROMPT = 1024  # one sequence: MLA decodes from the latent cache, transformers re-expands it every step
 
 
 def build_models():
@@ -69,6 +70,12 @@ def prefill(model, input_ids):
 def decode(model, input_ids):
     model.eval()
     model.generate(input_ids[:, :PROMPT], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+@torch.no_grad()
+def decode_long_context(model, long_input_ids):
+    model.eval()
+    model.generate(long_input_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
 
 
 def moe_layer_step(layer, hidden_states):
@@ -99,10 +106,14 @@ def main():
 
     ours, theirs = build_models()
     input_ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
+    long_input_ids = torch.randint(0, CONFIG["vocab_size"], (1, LONG_PROMPT))
     with torch.no_grad():
         diff = (ours.eval()(input_ids).logits - theirs.eval()(input_ids).logits).abs().max().item()
     print(f"config: {CONFIG}")
-    print(f"batch {BATCH} x {SEQ} tokens, decode {PROMPT} -> +{NEW_TOKENS}, {args.threads} threads, fp32 CPU")
+    print(
+        f"batch {BATCH} x {SEQ} tokens, decode {PROMPT} -> +{NEW_TOKENS} (and 1 x {LONG_PROMPT} -> +{NEW_TOKENS}), "
+        f"{args.threads} threads, fp32 CPU"
+    )
     print(f"same weights check: max |logits diff| = {diff:.2e}\n")
 
     models = {"moe_mtp": ours, "transformers": theirs}
@@ -121,13 +132,18 @@ def main():
             f"{label:<22}{tokens / seconds['moe_mtp']:>15.0f}{tokens / seconds['transformers']:>20.0f}"
             f"{ratio:>7.2f}x{target:>7.1f}x"
         )
-    seconds = measure(moe_layer_step, moe_layers, hidden_states, args.repeats)
-    ratio = seconds["transformers"] / seconds["moe_mtp"]
-    tokens = BATCH * SEQ
-    print(
-        f"{'MoE layer (fwd+bwd)':<22}{tokens / seconds['moe_mtp']:>15.0f}{tokens / seconds['transformers']:>20.0f}"
-        f"{ratio:>7.2f}x{'-':>8}"
-    )
+    extra_rows = [
+        ("decode, 1k context", decode_long_context, models, long_input_ids, NEW_TOKENS, 1.0),
+        ("MoE layer (fwd+bwd)", moe_layer_step, moe_layers, hidden_states, BATCH * SEQ, None),
+    ]
+    for label, fn, pair, inputs, tokens, target in extra_rows:
+        seconds = measure(fn, pair, inputs, args.repeats)
+        ratio = seconds["transformers"] / seconds["moe_mtp"]
+        shown_target = f"{target:>7.1f}x" if target else f"{'-':>8}"
+        print(
+            f"{label:<22}{tokens / seconds['moe_mtp']:>15.0f}{tokens / seconds['transformers']:>20.0f}"
+            f"{ratio:>7.2f}x{shown_target}"
+        )
 
 
 if __name__ == "__main__":

@@ -213,10 +213,13 @@ class MoeMtpAttention(nn.Module):
         k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         key = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        return attention_interface(
+        implementation = self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        # Fused kernels (flash, and sdpa's flash path on CPU) need one head dim for q, k and v: pad v with zeros.
+        pad = self.qk_head_dim - self.v_head_dim if implementation not in (None, "eager") else 0
+        if pad > 0:
+            value = F.pad(value, (0, pad))
+        attn_output, attn_weights = attention_interface(
             self,
             query,
             key,
@@ -226,6 +229,7 @@ class MoeMtpAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
+        return attn_output[..., : self.v_head_dim], attn_weights
 
     def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask) -> torch.Tensor:
         """Attention in latent space: MQA with one (kv_lora_rank + rope_dim) key and a kv_lora_rank value.
