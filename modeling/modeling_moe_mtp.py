@@ -356,16 +356,18 @@ class MoeMtpMoE(nn.Module):
     def dispatch(self, tokens: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         num_tokens, top_k = topk_indices.shape
         expert_of_slot = topk_indices.flatten()
-        order = expert_of_slot.argsort(stable=True)
+        order = expert_of_slot.argsort(stable=True)  # slots grouped by expert
         counts = torch.bincount(expert_of_slot, minlength=len(self.experts)).tolist()
-        sorted_tokens = tokens[order // top_k]
+        # index_select rather than advanced indexing: its backward is a fast index_add, not an accumulating index_put.
+        sorted_tokens = tokens.index_select(0, order // top_k)
         outputs = [
             self.experts[expert](chunk) for expert, chunk in enumerate(sorted_tokens.split(counts)) if counts[expert]
         ]
-        weighted = torch.cat(outputs) * topk_weights.flatten()[order].unsqueeze(-1).to(tokens.dtype)
-        # Each token owns exactly top_k slots: scatter back to slot order and sum, deterministic unlike index_add.
-        by_slot = weighted.new_empty(num_tokens * top_k, tokens.shape[-1]).index_copy(0, order, weighted)
-        return by_slot.view(num_tokens, top_k, -1).sum(dim=1)
+        weights = topk_weights.flatten().index_select(0, order).unsqueeze(-1).to(tokens.dtype)
+        weighted = torch.cat(outputs) * weights
+        # Back to slot order, then each token sums its top_k slots: deterministic, unlike index_add.
+        slot_position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return weighted.index_select(0, slot_position).view(num_tokens, top_k, -1).sum(dim=1)
 
 
 class MoeMtpBlock(GradientCheckpointingLayer):
