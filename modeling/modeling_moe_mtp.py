@@ -116,12 +116,18 @@ def eager_attention_forward(
 
 
 def apply_attention_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Applies a boolean (True = attend) or additive mask, or the causal mask when none is given."""
-    if attention_mask is None:
+    """Applies a 4-D boolean (True = attend) or additive mask, or a 2-D padding mask (flash attention's format, 1 =
+    real token) combined with the causal mask, or the causal mask alone when none is given."""
+    if attention_mask is None or attention_mask.dim() == 2:
         q_len, kv_len = scores.shape[-2:]
+        padding = attention_mask[:, None, None, :].bool() if attention_mask is not None else None
         if q_len == 1:
+            attention_mask = padding
+        else:
+            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+            attention_mask = attention_mask if padding is None else attention_mask & padding
+        if attention_mask is None:
             return scores
-        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
     if attention_mask.dtype == torch.bool:
         return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     return scores + attention_mask[..., : scores.shape[-1]]
@@ -292,8 +298,12 @@ class MoeMtpTopkRouter(nn.Module):
         # Tokens routed to each expert by training-mode forwards since the balancing bias was last updated.
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns router logits (tokens, experts), gate weights (tokens, k) in fp32 and expert indices (tokens, k)."""
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns router logits (tokens, experts), gate weights (tokens, k) in fp32 and expert indices (tokens, k).
+
+        `token_mask` (True = real token) keeps padding out of the recorded expert load."""
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         router_logits = F.linear(hidden_states.float(), self.weight.float())
         scores = self.scores(router_logits)
@@ -304,7 +314,8 @@ class MoeMtpTopkRouter(nn.Module):
         topk_weights = topk_weights * self.routed_scaling_factor
         # Skip the recomputation that gradient checkpointing runs inside backward, which would count twice.
         if self.training and torch._C._current_graph_task_id() == -1:
-            self.tokens_per_expert += torch.bincount(topk_indices.flatten(), minlength=self.num_experts)
+            counted = topk_indices if token_mask is None else topk_indices[token_mask.reshape(-1).bool()]
+            self.tokens_per_expert += torch.bincount(counted.flatten(), minlength=self.num_experts)
         return router_logits, topk_weights, topk_indices
 
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
@@ -344,10 +355,10 @@ class MoeMtpMoE(nn.Module):
                 config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts
             )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
-        _, topk_weights, topk_indices = self.gate(flat)
+        _, topk_weights, topk_indices = self.gate(flat, token_mask)
         routed = self.dispatch(flat, topk_indices, topk_weights).view(shape)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(hidden_states)
@@ -380,7 +391,7 @@ class MoeMtpBlock(GradientCheckpointingLayer):
         self.input_layernorm = MoeMtpRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MoeMtpRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def block(self, hidden_states, attention_mask, position_embeddings, cache, **kwargs) -> torch.Tensor:
+    def block(self, hidden_states, attention_mask, position_embeddings, cache, token_mask=None, **kwargs):
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states),
@@ -390,7 +401,8 @@ class MoeMtpBlock(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        normed = self.post_attention_layernorm(hidden_states)
+        return hidden_states + (self.mlp(normed, token_mask) if isinstance(self.mlp, MoeMtpMoE) else self.mlp(normed))
 
 
 class MoeMtpDecoderLayer(MoeMtpBlock):
@@ -401,9 +413,10 @@ class MoeMtpDecoderLayer(MoeMtpBlock):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        return self.block(hidden_states, attention_mask, position_embeddings, cache, **kwargs)
+        return self.block(hidden_states, attention_mask, position_embeddings, cache, token_mask, **kwargs)
 
 
 class MoeMtpSharedHead(nn.Module):
@@ -434,10 +447,11 @@ class MoeMtpMTPLayer(MoeMtpBlock):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         hidden_states = self.eh_proj(torch.cat((self.enorm(inputs_embeds), self.hnorm(previous_hidden_states)), -1))
-        hidden_states = self.block(hidden_states, attention_mask, position_embeddings, cache=None, **kwargs)
+        hidden_states = self.block(hidden_states, attention_mask, position_embeddings, None, token_mask, **kwargs)
         return self.shared_head.norm(hidden_states)
 
 
@@ -453,7 +467,7 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False  # expert dispatch reads per-expert token counts on the host
     _can_record_outputs = {
         "hidden_states": MoeMtpDecoderLayer,
-        "attentions": OutputRecorder(MoeMtpAttention, index=1),
+        "attentions": OutputRecorder(MoeMtpAttention, index=1, layer_name="layers"),  # main layers, not MTP
         "router_logits": OutputRecorder(MoeMtpTopkRouter, index=0),
     }
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
@@ -478,7 +492,7 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         (released at `model.layers.{num_hidden_layers + k}`) lands in `model.mtp_layers`. Those folders are read
         whole into memory; for very large checkpoints convert them once with `python -m moe_mtp.conversion`."""
         model_type = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
-        if model_type in FOREIGN_MODEL_TYPES and kwargs.get("config") is None:
+        if model_type in FOREIGN_MODEL_TYPES:
             return cls._from_foreign_layout(pretrained_model_name_or_path, *model_args, **kwargs)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
@@ -487,17 +501,22 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         return model
 
     @classmethod
-    def _from_foreign_layout(cls, path, *model_args, **kwargs):
+    def _from_foreign_layout(cls, path, *model_args, config: MoeMtpConfig | None = None, **kwargs):
         from ..conversion import load_state_dict_from_folder, read_config_dict
 
         if not os.path.isdir(path):
             raise OSError(f"{path}: released DeepSeek checkpoints load from a local folder; download it first.")
         saved = read_config_dict(path)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        dtype = dtype if isinstance(dtype, torch.dtype) else None
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        dtype = dtype if isinstance(dtype, torch.dtype) else None  # "auto"/None: the checkpoint's own dtype
         config_fields = set(MoeMtpConfig.__dataclass_fields__) - {"dtype", "torch_dtype"}
         config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in config_fields}
-        config = MoeMtpConfig.from_dict({**saved, **config_kwargs})
+        if config is None:
+            config = MoeMtpConfig.from_dict({**saved, **config_kwargs})
+        elif not isinstance(config, MoeMtpConfig):
+            raise TypeError(f"config must be a MoeMtpConfig to load {path} into {cls.__name__}, got {type(config)}")
         state_dict = load_state_dict_from_folder(path, MoeMtpConfig.from_dict(saved), dtype=dtype)
         saved_depth, kept_depth = saved.get("num_nextn_predict_layers", 0), config.num_nextn_predict_layers
         if saved_depth > kept_depth:
@@ -602,6 +621,9 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
             position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -inputs_embeds.shape[1] :]
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(
@@ -609,6 +631,7 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 cache=cache,
+                token_mask=token_mask,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -637,7 +660,7 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
             if seq_len - depth < 1:
                 break
             embeds, positions = inputs_embeds[:, depth:], position_ids[:, depth:]
-            mask = attention_mask[:, depth:] if attention_mask is not None else None
+            mask = mtp_slot_mask(attention_mask, depth)
             causal_mask = create_causal_mask(
                 config=self.config, inputs_embeds=embeds, attention_mask=mask, cache=None, position_ids=positions
             )
@@ -646,9 +669,19 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
                 embeds,
                 attention_mask=causal_mask,
                 position_embeddings=self.rotary_emb(embeds, positions),
+                token_mask=mask,
             )
             outputs.append(hidden_states)
         return tuple(outputs)
+
+
+def mtp_slot_mask(attention_mask: torch.Tensor | None, depth: int) -> torch.Tensor | None:
+    """Padding mask of MTP depth k: slot i is real only if both its hidden state (position i) and its embedded token
+    (position i + k) are, so left padding does not leak in through the hidden state."""
+    if attention_mask is None:
+        return None
+    seq_len = attention_mask.shape[1]
+    return attention_mask[:, : seq_len - depth] * attention_mask[:, depth:]
 
 
 @dataclass
@@ -716,6 +749,11 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         config = self.config
         mtp_depth = len(self.model.mtp_layers)
         want_mtp = mtp_depth > 0 and (output_mtp_logits or (labels is not None and config.mtp_loss_weight > 0))
+        if want_mtp and cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                "MTP logits are computed over whole sequences and do not use a cache: call the model without "
+                "`cache`/`past_key_values` (or with output_mtp_logits=False and no labels)."
+            )
         want_balance = labels is not None and self.training and config.seq_aux_loss_alpha > 0
         if want_balance:
             kwargs["output_router_logits"] = True
@@ -739,14 +777,20 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             loss_kwargs = {k: v for k, v in kwargs.items() if k == "num_items_in_batch"}
             loss = main_loss = self.loss_function(logits, labels, vocab_size=config.vocab_size, **loss_kwargs)
             if mtp_logits:
+                per_depth = self.mtp_losses(mtp_logits, labels, attention_mask, loss_kwargs)
+                counted = [depth_loss for depth_loss in per_depth if depth_loss is not None]
                 mtp_losses = tuple(
-                    self.loss_function(lg, labels[:, k:], vocab_size=config.vocab_size, **loss_kwargs)
-                    for k, lg in enumerate(mtp_logits, start=1)
+                    depth_logits.sum() * 0 if depth_loss is None else depth_loss
+                    for depth_logits, depth_loss in zip(mtp_logits, per_depth, strict=True)
                 )
-                loss = loss + config.mtp_loss_weight * torch.stack(mtp_losses).mean()
+                if counted:
+                    loss = loss + config.mtp_loss_weight * torch.stack(counted).mean()
             if want_balance and outputs.router_logits:
-                aux_loss = config.seq_aux_loss_alpha * self.sequence_balance_loss(outputs.router_logits, attention_mask)
-                loss = loss + aux_loss
+                batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+                aux_loss = config.seq_aux_loss_alpha * self.sequence_balance_loss(
+                    outputs.router_logits, attention_mask, batch_size, len(mtp_logits or ())
+                )
+                loss = loss + aux_loss.to(loss.device)
 
         output = MoeMtpCausalLMOutputWithPast(
             loss=loss,
@@ -762,28 +806,53 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         )
         return output if return_dict is not False else output.to_tuple()
 
+    def mtp_losses(self, mtp_logits, labels, attention_mask, loss_kwargs) -> list[torch.Tensor | None]:
+        """Cross-entropy of each MTP depth k: slot i predicts labels[i + k + 1]. Slots whose hidden state is padding
+        are ignored; a depth with no target left gives None (instead of a NaN mean over nothing)."""
+        losses = []
+        for depth, depth_logits in enumerate(mtp_logits, start=1):
+            targets = F.pad(labels[:, depth + 1 :], (0, 1), value=-100)  # aligned with the S - k slots
+            slots = mtp_slot_mask(attention_mask, depth)
+            if slots is not None:
+                targets = targets.masked_fill(slots.to(targets.device) == 0, -100)
+            if not (targets != -100).any():
+                losses.append(None)
+                continue
+            losses.append(
+                self.loss_function(
+                    depth_logits, None, vocab_size=self.config.vocab_size, shift_labels=targets, **loss_kwargs
+                )
+            )
+        return losses
+
     def moe_routers(self) -> list[MoeMtpTopkRouter]:
         """Routers in execution order: main layers, then MTP modules."""
-        return [m for m in self.modules() if isinstance(m, MoeMtpTopkRouter)]
+        blocks = [*self.model.layers, *self.model.mtp_layers]
+        return [block.mlp.gate for block in blocks if isinstance(block.mlp, MoeMtpMoE)]
 
-    def sequence_balance_loss(self, router_logits: tuple[torch.Tensor, ...], attention_mask) -> torch.Tensor:
+    def sequence_balance_loss(self, router_logits, attention_mask, batch_size: int, mtp_depths: int) -> torch.Tensor:
         """DeepSeek-V3's sequence-wise balance loss, sum_i f_i * P_i per sequence, averaged over sequences and
-        summed over MoE layers (MTP included). Padding tokens are left out."""
-        total = 0.0
-        for router, logits in zip(self.moe_routers(), router_logits, strict=True):
-            batch_size = attention_mask.shape[0] if attention_mask is not None else 1
+        summed over MoE layers (the MTP modules that ran included). Padding tokens are left out."""
+        routed = [(layer.mlp.gate, attention_mask) for layer in self.model.layers if isinstance(layer.mlp, MoeMtpMoE)]
+        routed += [
+            (mtp.mlp.gate, mtp_slot_mask(attention_mask, depth))
+            for depth, mtp in enumerate(self.model.mtp_layers[:mtp_depths], start=1)
+            if isinstance(mtp.mlp, MoeMtpMoE)
+        ]
+        total = None
+        for (router, mask), logits in zip(routed, router_logits, strict=True):
             seq_len = logits.shape[0] // batch_size
-            valid = torch.ones(batch_size, seq_len, device=logits.device)
-            if attention_mask is not None:
-                valid = attention_mask[:, -seq_len:].to(logits.dtype)  # MTP depth k sees positions k..S-1
+            valid = torch.ones(batch_size, seq_len, 1, device=logits.device)
+            if mask is not None:
+                valid = mask.to(device=logits.device, dtype=logits.dtype).unsqueeze(-1)
             scores = router.scores(logits)
             chosen = torch.zeros_like(scores).scatter_(1, router.select(scores), 1.0)
             probs = scores / scores.sum(dim=-1, keepdim=True)
-            valid = valid.reshape(batch_size, seq_len, 1)
             tokens = valid.sum(dim=1).clamp(min=1)
             load = (chosen.view(batch_size, seq_len, -1) * valid).sum(1) * router.num_experts / (router.top_k * tokens)
             mean_prob = (probs.view(batch_size, seq_len, -1) * valid).sum(1) / tokens
-            total = total + (load * mean_prob).sum(-1).mean()
+            layer_loss = (load * mean_prob).sum(-1).mean()
+            total = layer_loss if total is None else total + layer_loss.to(total.device)
         return total
 
 

@@ -381,3 +381,110 @@ def test_peft_lora_targets_the_experts_and_keeps_decode_exact():
         step = lora(input_ids=input_ids[:, :15], use_cache=True)
         last = lora(input_ids=input_ids[:, 15:], cache=step.cache, use_cache=True).logits
     torch.testing.assert_close(last[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ padding and edges
+
+
+def left_pad(row: torch.Tensor, pad: int):
+    input_ids = F.pad(row, (pad, 0), value=0)[None]
+    mask = F.pad(torch.ones_like(row), (pad, 0))[None]
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_mtp_ignores_left_padding(impl):
+    model = make_model(num_nextn_predict_layers=2, attn_implementation=impl).eval()
+    row = torch.randint(3, 128, (9,))
+    plain = model(row[None], labels=row[None])
+    input_ids, mask, positions = left_pad(row, 4)
+    labels = input_ids.masked_fill(mask == 0, -100)
+    labels[:, 4] = -100  # the unpadded row never predicts its first token either
+    padded = model(input_ids, attention_mask=mask, position_ids=positions, labels=labels)
+    for k, (got, want) in enumerate(zip(padded.mtp_logits, plain.mtp_logits, strict=True), start=1):
+        torch.testing.assert_close(got[:, 4:], want, atol=1e-5, rtol=1e-5, msg=f"depth {k}")
+    for got, want in zip(padded.mtp_losses, plain.mtp_losses, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded.loss, plain.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_load_leaves_padding_out():
+    model = make_model(num_nextn_predict_layers=1).train()
+    row = torch.randint(3, 128, (8,))
+    model(row[None], labels=row[None])
+    plain = [r.tokens_per_expert.clone() for r in model.moe_routers()]
+    for router in model.moe_routers():
+        router.tokens_per_expert.zero_()
+    input_ids, mask, positions = left_pad(row, 5)
+    model(input_ids, attention_mask=mask, position_ids=positions, labels=input_ids.masked_fill(mask == 0, -100))
+    for before, router in zip(plain, model.moe_routers(), strict=True):
+        torch.testing.assert_close(router.tokens_per_expert, before)
+
+
+def test_balance_loss_is_per_sequence_without_a_mask():
+    model = make_model(num_nextn_predict_layers=1, seq_aux_loss_alpha=0.01).train()
+    input_ids = batch(batch_size=3, seq_len=10)
+    no_mask = model(input_ids, labels=input_ids).aux_loss
+    ones = model(input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids).aux_loss
+    rows = torch.stack([model(r[None], labels=r[None]).aux_loss for r in input_ids]).mean()
+    torch.testing.assert_close(no_mask, ones)
+    torch.testing.assert_close(no_mask, rows)
+
+
+def test_balance_loss_without_the_mtp_loss():
+    model = make_model(num_nextn_predict_layers=1, mtp_loss_weight=0.0, seq_aux_loss_alpha=0.01).train()
+    out = model(batch(), labels=batch())
+    assert out.mtp_losses is None and out.aux_loss > 0
+    torch.testing.assert_close(out.loss, out.main_loss + out.aux_loss)
+
+
+def test_mtp_depth_without_targets_does_not_make_the_loss_nan():
+    model = make_model(num_nextn_predict_layers=2).eval()
+    input_ids = batch(seq_len=3)  # depth 2 has one slot and nothing left to predict
+    out = model(input_ids, labels=input_ids)
+    assert torch.isfinite(out.loss) and out.mtp_losses[1].item() == 0
+    torch.testing.assert_close(out.loss, out.main_loss + 0.3 * out.mtp_losses[0])
+
+
+def test_mtp_with_a_filled_cache_is_refused_clearly():
+    model = make_model(num_nextn_predict_layers=1).eval()
+    cache = model(batch(), use_cache=True).cache
+    with pytest.raises(ValueError, match="do not use a cache"):
+        model(batch(seq_len=1), cache=cache, output_mtp_logits=True)
+
+
+def test_attentions_are_the_main_layers_even_when_mtp_runs():
+    model = make_model(num_nextn_predict_layers=1, attn_implementation="eager").eval()
+    out = model(batch(), labels=batch(), output_attentions=True)
+    assert len(out.attentions) == model.config.num_hidden_layers
+
+
+def test_absorbed_attention_accepts_a_two_dimensional_padding_mask():
+    """Flash attention hands layers a (batch, kv) padding mask; the latent-space decode path must honour it."""
+    attn = make_model().eval().model.layers[0].self_attn
+    q_nope, q_rope = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 3, 8)
+    latent, k_rope = torch.randn(2, 1, 7, 16), torch.randn(2, 1, 7, 8)
+    padding = torch.ones(2, 7, dtype=torch.long)
+    padding[1, :2] = 0
+    causal = torch.ones(3, 7, dtype=torch.bool).tril(4)
+    four_d = causal[None, None] & padding[:, None, None, :].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            attn._absorbed_attention(q_nope, q_rope, latent, k_rope, padding),
+            attn._absorbed_attention(q_nope, q_rope, latent, k_rope, four_d),
+        )
+
+
+def test_from_pretrained_of_a_release_honours_string_dtype_and_given_config(tmp_path):
+    from conversion_fixtures import tiny_config as release_config
+    from conversion_fixtures import write_released
+
+    src, _ = write_released(tmp_path / "release", release_config())
+    by_name = MoeMtpForCausalLM.from_pretrained(src, dtype="float32")
+    by_dtype = MoeMtpForCausalLM.from_pretrained(src, dtype=torch.float32)
+    for key, value in by_dtype.state_dict().items():
+        assert torch.equal(by_name.state_dict()[key], value), key
+    config = release_config(num_nextn_predict_layers=0)
+    given = MoeMtpForCausalLM.from_pretrained(src, config=config, dtype=torch.float32)
+    assert len(given.model.mtp_layers) == 0
+    torch.testing.assert_close(given.model.embed_tokens.weight, by_dtype.model.embed_tokens.weight)
