@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -26,10 +27,10 @@ from safetensors.torch import save_file
 from moe_mtp.configuration import MoeMtpConfig
 from moe_mtp.conversion import convert, deepseek_config_dict
 from moe_mtp.conversion.fp8 import scale_shape
+from moe_mtp.conversion.rules import RELEASE_FP8
 from moe_mtp.conversion.spec import canonical_shapes
 
 TARGETS = {"bf16 -> bf16": 3.0, "fp8 -> bf16": 6.0}
-QUANTIZED = ("_proj.weight",)
 
 
 def bench_config(size_mb: int, layers: int = 2) -> MoeMtpConfig:
@@ -62,7 +63,7 @@ def build(folder: Path, config: MoeMtpConfig, fp8: bool, shard_bytes: int = 200 
         numel = torch.Size(shape).numel()
         if name.endswith("e_score_correction_bias"):
             tensors[name] = torch.zeros(shape)
-        elif fp8 and name.startswith("model.layers.") and name.endswith(QUANTIZED) and len(shape) == 2:
+        elif fp8 and re.fullmatch(RELEASE_FP8, name):
             tensors[name] = data(codes, numel).view(torch.float8_e4m3fn).view(shape)
             tensors[name + "_scale_inv"] = torch.rand(scale_shape(shape)) * 1e-3
         else:

@@ -11,12 +11,14 @@ import sys
 
 from .errors import ConversionError
 
-EPILOG = """examples:
-  moe-mtp-convert deepseek-ai/DeepSeek-V3 ./v3-moe-mtp --dtype bf16     released FP8 -> moe_mtp bf16
-  moe-mtp-convert ./v3-moe-mtp ./v3-fp8 --to deepseek --dtype fp8       back to the released FP8 layout
-  moe-mtp-convert ./v2-lite ./v2-lite-hf --to transformers              transformers' stacked experts
-  moe-mtp-convert SRC DST --dry-run                                     show what would be written
-  moe-mtp-convert --inspect SRC                                         parameter and dtype summary
+EPILOG = """SRC is a local folder: download a hub model first (hub ids are not fetched).
+
+examples:
+  moe-mtp-convert path/to/DeepSeek-V3 path/to/v3-moe-mtp --dtype bf16            released FP8 -> moe_mtp bf16
+  moe-mtp-convert path/to/v3-moe-mtp path/to/v3-fp8 --to deepseek --dtype fp8    back to the released FP8 layout
+  moe-mtp-convert path/to/DeepSeek-V2-Lite path/to/v2-lite-hf --to transformers  transformers' stacked experts
+  moe-mtp-convert SRC DST --dry-run                                              show what would be written
+  moe-mtp-convert --inspect SRC                                                  parameter and dtype summary
 """
 
 
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("src", help="source checkpoint folder (config.json + safetensors)")
+    parser.add_argument("src", help="local source checkpoint folder (config.json + safetensors)")
     parser.add_argument("dst", nargs="?", help="destination folder (written as DST.partial, then renamed)")
     parser.add_argument("--from", dest="src_format", default="auto",
                         choices=["auto", "deepseek", "transformers", "moe_mtp"],

@@ -85,7 +85,8 @@ def moe_mtp_config_dict(released: dict) -> dict:
     """Translate a deepseek_v3 / deepseek_v2 / kimi_k2 / transformers config.json dict into a moe_mtp one.
 
     Drops `quantization_config` (weights are dequantized) and fields moe_mtp derives itself, sets `model_type`
-    and `architectures`, folds RoPE into `rope_parameters` and keeps every other field as it is.
+    and `architectures`, folds RoPE into `rope_parameters`, takes V2's sequence-wise `aux_loss_alpha` (with
+    `seq_aux: true`) as `seq_aux_loss_alpha`, and keeps every other field as it is.
     """
     family = config_family(released)
     out = copy.deepcopy(released)
@@ -104,6 +105,11 @@ def moe_mtp_config_dict(released: dict) -> dict:
     if family == "deepseek_v2":
         for field, value in V2_DEFAULTS.items():
             out.setdefault(field, value)
+    if family != "moe_mtp" and out.get("seq_aux") and out.get("aux_loss_alpha") is not None:
+        # DeepSeek-V2's `seq_aux: true` makes `aux_loss_alpha` a sequence-wise balance loss, which is moe_mtp's.
+        # Without it, V2's loss is batch-wise, which moe_mtp has not: seq_aux_loss_alpha keeps its default.
+        # Both keys stay, so that converting back restores them.
+        out["seq_aux_loss_alpha"] = out["aux_loss_alpha"]
     if family != "moe_mtp":
         out.setdefault("num_nextn_predict_layers", 0)
         if out.get("n_routed_experts") is None:

@@ -2,7 +2,8 @@
 
 `convert` reads one tensor (or one chunk of rows) at a time and streams each output shard to disk, so its memory
 stays around the largest single tensor it has to transform (a float32 copy of it when quantizing to FP8), whatever
-the model size. Output goes to `DST.partial`, renamed to DST only once complete; any error removes it.
+the model size. Output goes to `DST.partial`, renamed to DST only once complete; any error removes it. Only folders
+this package made are ever deleted: a `DST.partial` carries a marker file while it is being written.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ from .layouts import (
     resolve_source,
     run_to_dict,
 )
-from .safetensors_io import INDEX_NAME, PICKLE_SUFFIXES, parse_size, plan_shards, read_folder_headers, shard_names
+from .safetensors_io import (
+    INDEX_NAME,
+    check_checkpoint_folder,
+    parse_size,
+    plan_shards,
+    read_folder_headers,
+    shard_names,
+)
 from .summary import detect_layout, format_inspect, inspect, mtp_module
 
 FORMATS = ("moe_mtp", "deepseek", "transformers")
@@ -45,17 +53,13 @@ FORMATS = ("moe_mtp", "deepseek", "transformers")
 COPY_PATTERNS = ("tokenizer*.json", "tokenizer.model", "tokenizer*.model", "special_tokens_map.json",
                  "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "*.tiktoken",
                  "tiktoken.model", "chat_template*", "*.jinja", "tokenization_*.py")  # fmt: skip
+# Written into DST.partial when a run creates it: a leftover DST.partial is replaced only if it carries this file,
+# so a user's own folder that happens to be named like ours is never deleted.
+PARTIAL_MARKER = ".moe_mtp_partial"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def _check_source_folder(src: Path):
-    if src.is_file() and src.suffix in PICKLE_SUFFIXES:
-        raise ConversionError(f"{src}: pickle checkpoints are not supported (safetensors only; never unpickled)")
-    if not src.is_dir():
-        raise ConversionError(f"{src}: no such checkpoint folder")
 
 
 def open_source(src, src_format: str = "auto", allow_unknown: bool = False, config=None) -> tuple[dict, Source]:
@@ -64,7 +68,7 @@ def open_source(src, src_format: str = "auto", allow_unknown: bool = False, conf
     `config` (a MoeMtpConfig) overrides the folder's config.json for the shape checks.
     """
     src = Path(src)
-    _check_source_folder(src)
+    check_checkpoint_folder(src)
     released = read_json(src / "config.json")
     family = config_family(released)
     infos = read_folder_headers(src)
@@ -148,6 +152,55 @@ def _remove(path: Path):
         path.unlink()
 
 
+def _overlap(a: Path, b: Path) -> bool:
+    """Whether a and b are the same folder or one contains the other (replacing one would delete the other)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def _check_destination(src: Path, dst: Path, partial: Path, force: bool, dry_run: bool):
+    if _overlap(dst, src) or _overlap(partial, src):
+        raise ConversionError(
+            f"{dst}: the destination must not be the source folder, inside it, or a folder that contains it"
+        )
+    if dry_run:
+        return
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise ConversionError(f"{dst} already exists; pass force=True (--force) to replace it")
+    ours = partial.is_dir() and not partial.is_symlink() and (partial / PARTIAL_MARKER).is_file()
+    if (partial.exists() or partial.is_symlink()) and not ours:
+        raise ConversionError(
+            f"{partial} exists but was not left by a moe_mtp conversion (it has no {PARTIAL_MARKER} file); "
+            "remove it yourself or choose another DST"
+        )
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The parent folders of `path` that do not exist yet, innermost first: what creating it would create."""
+    missing = []
+    for parent in path.absolute().parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+def _make_partial(partial: Path):
+    """Create DST.partial with its marker, replacing a marked leftover of a killed run."""
+    _remove(partial)  # checked to be ours by _check_destination
+    partial.mkdir(parents=True)
+    (partial / PARTIAL_MARKER).write_text("an unfinished moe_mtp conversion; safe to delete\n")
+
+
+def _remove_empty(folders: list[Path]):
+    """Remove the folders a failed run created, innermost first, stopping at one that is not empty (or gone)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 def _write(plan: Plan, source: Source, out: Path, shard_bytes: int, progress: bool) -> tuple[list[str], int]:
     from tqdm.auto import tqdm
 
@@ -214,12 +267,9 @@ def convert(
     if dst_format not in FORMATS:
         raise ConversionError(f"unknown destination format {dst_format!r}; expected one of {FORMATS}")
     shard_bytes = parse_size(shard_size)
-    _check_source_folder(src)
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise ConversionError(f"{dst}: the destination must not be the source folder or inside it")
-    if (dst.exists() or dst.is_symlink()) and not force and not dry_run:
-        raise ConversionError(f"{dst} already exists; pass force=True (--force) to replace it")
+    check_checkpoint_folder(src)
     partial = dst.with_name(dst.name + ".partial")
+    _check_destination(src, dst, partial, force, dry_run)
     ours, source = open_source(src, src_format, allow_unknown)
     try:
         plan = plan_outputs(source, get_layout(dst_format), resolve_dtype(dtype), scale_fmt)
@@ -249,17 +299,19 @@ def convert(
             summary["inspect"] = inspect(src)
             print(format_dry_run(summary))
             return summary
+        created = _missing_parents(partial)
         try:
-            _remove(partial)  # left by a killed earlier run
-            partial.mkdir(parents=True)
+            _make_partial(partial)
             _write(plan, source, partial, shard_bytes, progress)
             (partial / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
             summary["copied_files"] = _copy_extra_files(src, partial)
+            (partial / PARTIAL_MARKER).unlink()
             if dst.exists() or dst.is_symlink():
                 _remove(dst)
             partial.rename(dst)
         except BaseException as exc:
             _remove(partial)
+            _remove_empty(created)
             if isinstance(exc, OSError):
                 raise ConversionError(f"writing {dst}: {exc}") from exc
             raise

@@ -405,9 +405,10 @@ def plan_outputs(
 ) -> Plan:
     """Every destination tensor, in order, with its dtype, shape and producer.
 
-    `dtype`: None keeps the source dtypes (FP8 stays FP8 into the deepseek layout and is dequantized to the
-    source's unquantized dtype elsewhere); a torch float dtype casts every floating tensor; "fp8" (deepseek layout
-    only) quantizes what the release quantizes and stores the rest in bf16. The router bias is always float32.
+    `dtype`: None keeps the source dtypes (every FP8 tensor stays FP8 into the deepseek layout, whatever its name,
+    and is dequantized to the source's unquantized dtype elsewhere); a torch float dtype casts every floating
+    tensor; "fp8" (deepseek layout only) quantizes what the release quantizes (`Layout.fp8`) and stores the rest
+    in bf16. The router bias is always float32.
     `scale_fmt` for written FP8: "inherit" (the source's, if FP8), None or "ue8m0".
     """
     dtype = resolve_dtype(dtype)
@@ -439,9 +440,11 @@ def plan_outputs(
         return torch.bfloat16 if dtype == "fp8" else dtype
 
     def quantize(key: str, ref: Ref) -> bool:
-        if fmt is None or not re.fullmatch(dst.fp8, key) or len(ref.shape) != 2:
+        if fmt is None or len(ref.shape) != 2:
             return False
-        return dtype == "fp8" or ref.scale is not None  # keep_fp8: what was FP8 stays FP8
+        if keep_fp8:  # what arrived as FP8 stays FP8, whatever its name (checkpoints differ from the release)
+            return ref.scale is not None
+        return re.fullmatch(dst.fp8, key) is not None  # dtype "fp8": what the release quantizes
 
     outputs: list[Output] = []
     for group in groups:

@@ -12,7 +12,8 @@ A layout is described by how each canonical tensor is stored in it:
 
 Rules are tried in order, first match wins; every table ends with a catch-all. `mtp` rules are instantiated for
 each MTP module k with `{k}` and `{mtp_layer}` = num_hidden_layers + k (never a fixed 61). A rule's `when` names a
-condition on the config (see CONDITIONS). `fp8` is the pattern of layout keys the release stores as block FP8.
+condition on the config (see CONDITIONS). `fp8` is the pattern of layout keys the release stores as block FP8
+(what `dtype="fp8"` quantizes; a tensor that arrives as FP8 is dequantized or kept whatever its name).
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ CONDITIONS = {
     "no_router_bias": lambda config: not has_router_bias(config),
 }
 
+# Block FP8 in the DeepSeek-V3 release: the linear weights of attention (kv_a_proj_with_mqa included) and of the
+# MLPs (dense, routed and shared experts), in the main layers and the MTP layers N+k alike. Not the MTP module's
+# eh_proj, which the release stores in bf16 (engines load it into a plain nn.Linear), nor the router
+# `mlp.gate.weight`, norms, embeddings or heads.
+RELEASE_FP8 = r"model\.layers\.\d+\.(self_attn|mlp)\.(.+\.)?[a-z_]+_proj(_with_mqa)?\.weight"
 ROUTER_BIAS = r"model\.layers\.\d+\.mlp\.gate\.e_score_correction_bias"
 CATCH_ALL = Rename(r"(.+)", r"\1")
 
@@ -91,7 +97,7 @@ DEEPSEEK = Layout(
         Ignore(r"lm_head\.weight", when="tied"),
         CATCH_ALL,
     ),
-    fp8=r"model\.layers\.\d+\..+_proj\.weight",
+    fp8=RELEASE_FP8,
 )
 
 # transformers' DeepseekV3/V2ForCausalLM state_dict: routed experts stacked per layer, no MTP modules.

@@ -125,16 +125,26 @@ def _check_with_safetensors(path: Path):
         raise ConversionError(f"{path}: invalid safetensors file ({exc})") from exc
 
 
+def check_checkpoint_folder(folder: Path):
+    """A source must be a local folder: hub ids are not downloaded here, and pickle files are never read."""
+    folder = Path(folder)
+    if folder.is_file() and folder.suffix in PICKLE_SUFFIXES:
+        raise ConversionError(f"{folder}: pickle checkpoints are not supported (safetensors only; never unpickled)")
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ConversionError(
+            f"{folder} {what}: the source must be a local checkpoint folder (config.json + safetensors files); "
+            "download a hub model first"
+        )
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """The .safetensors files of a checkpoint folder: from its index, else `model.safetensors`, else all of them.
 
     Pickle checkpoints are refused (never unpickled); an index naming a missing file raises ConversionError.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        if folder.suffix in PICKLE_SUFFIXES:
-            raise ConversionError(f"{folder}: pickle checkpoints are not supported (safetensors only; never unpickled)")
-        raise ConversionError(f"{folder}: not a checkpoint folder")
+    check_checkpoint_folder(folder)
     index = folder / INDEX_NAME
     if index.is_file():
         try:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from .configs import config_family, moe_mtp_config_dict, read_json
-from .safetensors_io import TensorInfo, read_folder_headers
+from .safetensors_io import TensorInfo, check_checkpoint_folder, read_folder_headers
 from .spec import is_routed_expert, mtp_index
 
 SCALE_SUFFIX = "_scale_inv"
@@ -73,6 +73,7 @@ def inspect(path) -> dict:
     of tensors, elements and bytes (FP8 scales are listed under their dtype, not counted as parameters).
     """
     folder = Path(path)
+    check_checkpoint_folder(folder)
     released = read_json(folder / "config.json")
     family = config_family(released)
     config = moe_mtp_config_dict(released)

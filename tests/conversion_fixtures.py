@@ -1,7 +1,8 @@
 """Tiny checkpoints for the conversion tests, built independently of the converter.
 
 The released ("deepseek") layout is written here by hand: MTP module k renamed to layer N+k with its own copies
-of the embedding and head, 2-D `*_proj.weight`s of `model.layers.*` quantized to block FP8, sharded with an index.
+of the embedding and head, the release's FP8 weights (`released_as_fp8`) quantized to block FP8, sharded with an
+index.
 Dimensions are deliberately not multiples of 128, so FP8 edge blocks are partial.
 """
 
@@ -30,7 +31,22 @@ TINY = dict(
 V2_LITE = dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=None,
                norm_topk_prob=False, routed_scaling_factor=1.0, num_nextn_predict_layers=0)  # fmt: skip
 
-QUANTIZED = re.compile(r"model\.layers\.\d+\..+_proj\.weight")
+# What the DeepSeek-V3 release stores as FP8, from its files (not from the converter's rule): in every decoder layer,
+# main or MTP (N+k), the attention projections and the dense / routed-expert / shared-expert MLP projections.
+# kv_a_proj_with_mqa is FP8 (576 x 7168 with a [5, 56] scale); the MTP module's eh_proj is bf16.
+FP8_ATTENTION = {"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+FP8_MLP = {"gate_proj", "up_proj", "down_proj"}
+
+
+def released_as_fp8(name: str) -> bool:
+    """Whether the release stores tensor `name` (its own key names) as block FP8."""
+    parts = name.split(".")
+    if len(parts) < 5 or parts[:2] != ["model", "layers"] or parts[-1] != "weight":
+        return False
+    block, proj = parts[3], parts[-2]
+    return (block == "self_attn" and proj in FP8_ATTENTION) or (block == "mlp" and proj in FP8_MLP)
+
+
 TOKENIZER_FILES = {
     "tokenizer.json": '{"version": "1.0"}',
     "tokenizer_config.json": '{"model_max_length": 512}',
@@ -65,7 +81,7 @@ def released_state_dict(ours: dict[str, torch.Tensor], config, fp8=True, scale_f
         m = re.match(r"model\.mtp_layers\.(\d+)\.(.+)", name)
         if m:
             name = f"model.layers.{n + int(m[1])}.{m[2]}"
-        if fp8 and QUANTIZED.fullmatch(name) and tensor.dim() == 2:
+        if fp8 and released_as_fp8(name):
             out[name], out[name + "_scale_inv"] = quantize_block_fp8(tensor, scale_fmt=scale_fmt)
         else:
             out[name] = tensor

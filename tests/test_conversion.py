@@ -13,6 +13,7 @@ from conftest import reference_config
 from conversion_fixtures import (
     V2_LITE,
     load_folder,
+    released_as_fp8,
     released_state_dict,
     same_bits,
     tiny_config,
@@ -32,10 +33,14 @@ from moe_mtp.conversion import (
     inspect,
     load_state_dict_from_folder,
     moe_mtp_config_dict,
+    quantize_block_fp8,
     read_config_dict,
     transformers_config,
 )
 from moe_mtp.conversion.cli import main
+from moe_mtp.conversion.fp8 import scale_shape
+from moe_mtp.conversion.layouts import layout_groups
+from moe_mtp.conversion.rules import DEEPSEEK
 
 
 def dequantized(folder_tensors: dict, key: str, dtype=torch.bfloat16):
@@ -112,10 +117,15 @@ def test_moe_mtp_to_deepseek_fp8_and_back_is_within_fp8_error(tmp_path):
     convert(src, tmp_path / "fp8", dst_format="deepseek", dtype="fp8", progress=False)
     stored = load_folder(tmp_path / "fp8")
     quantized = {k for k, t in stored.items() if t.dtype == torch.float8_e4m3fn}
-    # exactly the release's choice: every 2-D *_proj.weight of model.layers.*, eh_proj included
+    # exactly the release's choice: attention and MLP projections of every layer, MTP's included, not eh_proj
     by_hand = released_state_dict(ours, config)
     expected = {k for k in by_hand if k + "_scale_inv" in by_hand}
-    assert quantized == expected and "model.layers.3.eh_proj.weight" in quantized
+    assert quantized == expected
+    assert {"model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "model.layers.3.self_attn.kv_a_proj_with_mqa.weight",
+            "model.layers.3.mlp.experts.7.down_proj.weight", "model.layers.3.mlp.shared_experts.up_proj.weight",
+            "model.layers.0.mlp.gate_proj.weight", "model.layers.3.self_attn.q_b_proj.weight"} <= quantized  # fmt: skip
+    assert stored["model.layers.3.eh_proj.weight"].dtype == torch.bfloat16
+    assert "model.layers.3.eh_proj.weight_scale_inv" not in stored
     assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
     assert stored["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert stored["model.layers.3.shared_head.head.weight"].dtype == torch.bfloat16
@@ -142,6 +152,21 @@ def test_fp8_to_fp8_with_ue8m0_scales(released, tmp_path):
     # an FP8 source keeps its scale format by default, and e8m0-typed scales load too
     convert(tmp_path / "ue8m0", tmp_path / "again", dst_format="deepseek", progress=False)
     assert all(same_bits(t, stored[k]) for k, t in load_folder(tmp_path / "again").items())
+
+
+def test_fp8_that_the_release_would_not_quantize_stays_fp8_into_deepseek(released, tmp_path):
+    """A checkpoint that differs from the release (here an FP8 eh_proj): kept as FP8 bytes and scale, and read
+    dequantized like any FP8 weight."""
+    config, src, _ = released
+    tensors = load_folder(src)
+    key = "model.layers.3.eh_proj.weight"
+    tensors[key], tensors[key + "_scale_inv"] = quantize_block_fp8(tensors[key].float())
+    write_checkpoint(tmp_path / "src", tensors, json.loads((src / "config.json").read_text()))
+    convert(tmp_path / "src", tmp_path / "same", dst_format="deepseek", progress=False)
+    same = load_folder(tmp_path / "same")
+    assert set(same) == set(tensors) and all(same_bits(same[k], tensors[k]) for k in tensors)
+    ours = load_folder(convert(tmp_path / "src", tmp_path / "ours", progress=False)["dst"])
+    assert same_bits(ours["model.mtp_layers.0.eh_proj.weight"], dequantized(tensors, key))
 
 
 def test_mtp_modules_sit_at_layer_n_plus_k(tmp_path):
@@ -283,6 +308,21 @@ def test_released_v2_lite_config_translates():
     assert deepseek_config_dict(moe_mtp_config_dict(released))["model_type"] == "deepseek_v2"
 
 
+def test_v2_sequence_wise_aux_loss_maps_to_seq_aux_loss_alpha():
+    released = reference_config("deepseek_v2_lite_config.json")
+    assert (released["aux_loss_alpha"], released["seq_aux"]) == (0.001, True)
+    ours = moe_mtp_config_dict(released)
+    assert (ours["seq_aux_loss_alpha"], ours["aux_loss_alpha"], ours["seq_aux"]) == (0.001, 0.001, True)
+    assert MoeMtpConfig(**ours).seq_aux_loss_alpha == 0.001
+    back = deepseek_config_dict(ours)
+    assert back == released and "seq_aux_loss_alpha" not in back  # V2's own keys restored, ours not written
+    # seq_aux false: V2's batch-wise loss, which moe_mtp has not: the default stays, nothing is dropped
+    batch_wise = moe_mtp_config_dict({**released, "seq_aux": False})
+    assert "seq_aux_loss_alpha" not in batch_wise and batch_wise["aux_loss_alpha"] == 0.001
+    assert MoeMtpConfig(**batch_wise).seq_aux_loss_alpha == MoeMtpConfig().seq_aux_loss_alpha
+    assert deepseek_config_dict(batch_wise) == {**released, "seq_aux": False}
+
+
 def test_transformers_config_copies_the_architecture():
     config = tiny_config()
     tc = transformers_config(config)
@@ -304,6 +344,58 @@ def test_v3_parameter_counts_from_the_reference_config():
     assert abs(main / 1e9 - 671) < 1 and abs(active / 1e9 - 37) < 1
     mtp_with_copies = sum(v for k, v in numel.items() if k.startswith("model.mtp_layers")) + 2 * 129280 * 7168
     assert abs((main + mtp_with_copies) / 1e9 - 685) < 1  # the size the release reports
+
+
+def test_release_fp8_rule_over_every_v3_tensor():
+    """The converter's FP8 rule picks, among all DeepSeek-V3 tensors, exactly what the release stores as FP8."""
+    config = MoeMtpConfig(**moe_mtp_config_dict(reference_config("deepseek_v3_config.json")))
+    shapes = canonical_shapes(config)
+    groups, _ = layout_groups(DEEPSEEK, config, shapes)
+    names = {g.key: g.shape for g in groups}
+    fp8 = {k for k in names if re.fullmatch(DEEPSEEK.fp8, k)}
+    assert fp8 == {k for k in names if released_as_fp8(k)}
+    assert "model.layers.61.eh_proj.weight" in names and "model.layers.61.eh_proj.weight" not in fp8
+    for layer in (0, 3, 61):  # dense, MoE, MTP
+        assert f"model.layers.{layer}.self_attn.kv_a_proj_with_mqa.weight" in fp8
+        assert f"model.layers.{layer}.mlp.gate.weight" not in fp8
+    assert "model.layers.61.mlp.experts.255.down_proj.weight" in fp8
+    assert "model.layers.0.mlp.gate_proj.weight" in fp8 and "model.layers.5.mlp.shared_experts.up_proj.weight" in fp8
+    kv_a = names["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    assert kv_a == (576, 7168) and scale_shape(kv_a) == (5, 56)  # the release's scale shape
+    # every FP8 weight is 2-D, and nothing else in the release is FP8 (norms, embeddings, heads, router, eh_proj)
+    assert all(len(names[k]) == 2 for k in fp8)
+    assert not any(re.search(r"norm|embed_tokens|head|e_score_correction_bias|eh_proj", k) for k in fp8)
+
+
+@pytest.mark.parametrize(
+    "name, fp8",
+    [
+        ("model.layers.0.self_attn.q_a_proj.weight", True),
+        ("model.layers.0.self_attn.q_b_proj.weight", True),
+        ("model.layers.0.self_attn.q_proj.weight", True),
+        ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", True),
+        ("model.layers.0.self_attn.kv_b_proj.weight", True),
+        ("model.layers.0.self_attn.o_proj.weight", True),
+        ("model.layers.0.mlp.down_proj.weight", True),
+        ("model.layers.7.mlp.experts.12.gate_proj.weight", True),
+        ("model.layers.7.mlp.shared_experts.up_proj.weight", True),
+        ("model.layers.62.self_attn.kv_a_proj_with_mqa.weight", True),  # MTP module k=1 of a 61-layer model
+        ("model.layers.62.mlp.experts.0.down_proj.weight", True),
+        ("model.layers.61.eh_proj.weight", False),
+        ("model.layers.7.mlp.gate.weight", False),
+        ("model.layers.7.mlp.gate.e_score_correction_bias", False),
+        ("model.layers.0.self_attn.kv_a_layernorm.weight", False),
+        ("model.layers.0.input_layernorm.weight", False),
+        ("model.layers.61.enorm.weight", False),
+        ("model.layers.61.embed_tokens.weight", False),
+        ("model.layers.61.shared_head.head.weight", False),
+        ("model.embed_tokens.weight", False),
+        ("lm_head.weight", False),
+        ("model.norm.weight", False),
+    ],
+)
+def test_release_fp8_rule(name, fp8):
+    assert (re.fullmatch(DEEPSEEK.fp8, name) is not None) == fp8 == released_as_fp8(name)
 
 
 # ----------------------------------------------------------------------------------------------- inspect, CLI
@@ -376,6 +468,17 @@ def test_cli_subprocess_help():
     result = subprocess.run([sys.executable, "-m", "moe_mtp.conversion", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "usage: moe-mtp-convert" in result.stdout and "--dtype" in result.stdout
+    assert "path/to/DeepSeek-V3" in result.stdout and "deepseek-ai/" not in result.stdout  # local folders only
+
+
+def test_cli_source_must_be_a_local_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for argv in (["deepseek-ai/DeepSeek-V3", "out", "--no-progress"], ["--inspect", "deepseek-ai/DeepSeek-V3"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "deepseek-ai/DeepSeek-V3 does not exist" in err and "local checkpoint folder" in err
+        assert "download" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_source_without_needed_config_fields(tmp_path, released):

@@ -195,18 +195,9 @@ def test_pickle_checkpoints_are_refused_unread(tmp_path, pristine):
 
 
 def test_error_while_writing_removes_the_partial_output(src, tmp_path, monkeypatch):
-    calls = []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 60:
-            raise ConversionError("tensor 'x': simulated failure half-way")
-        return real(*args, **kwargs)
-
-    real = fp8_module.iter_dequantize_block_fp8
-    monkeypatch.setattr(fp8_module, "iter_dequantize_block_fp8", failing)
+    calls = fail_after(monkeypatch, 60, watch=tmp_path / "dst.partial")
     assert_fails(src, tmp_path, "simulated failure", shard_size="50KB")
-    assert len(calls) == 60  # it failed half-way, after writing several shards
+    assert calls[-1]  # it failed half-way, after writing several shards
 
 
 def test_interrupt_while_writing_removes_the_partial_output(src, tmp_path, monkeypatch):
@@ -219,27 +210,86 @@ def test_interrupt_while_writing_removes_the_partial_output(src, tmp_path, monke
     assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()
 
 
-def test_force_keeps_the_old_destination_when_the_new_one_fails(src, tmp_path):
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes), to check that a folder was left exactly as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fail_after(monkeypatch, n: int, watch: Path | None = None) -> list:
+    """Make the n-th FP8 dequantization fail, i.e. half-way through writing; returns the record of the calls and,
+    at the failure, the shards `watch` (DST.partial) held."""
+    calls = []
+    real = fp8_module.iter_dequantize_block_fp8
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            if watch is not None:
+                calls.append(sorted(p.name for p in watch.glob("*.safetensors")))
+            raise ConversionError("tensor 'x': simulated failure half-way")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fp8_module, "iter_dequantize_block_fp8", failing)
+    return calls
+
+
+def test_force_keeps_the_old_destination_when_the_new_one_fails(src, tmp_path, monkeypatch):
     dst = tmp_path / "dst"
-    dst.mkdir()
+    convert(src, dst, dtype="bf16", progress=False)  # the old DST: an earlier, complete conversion
     (dst / "old.txt").write_text("old")
-    (src / "model-00001-of-00003.safetensors").unlink()
-    with pytest.raises(ConversionError):
-        convert(src, dst, force=True, progress=False)
-    assert (dst / "old.txt").read_text() == "old" and not (tmp_path / "dst.partial").exists()
+    before = snapshot(dst)
+    calls = fail_after(monkeypatch, 60, watch=tmp_path / "dst.partial")
+    with pytest.raises(ConversionError, match="simulated failure"):
+        convert(src, dst, dtype="fp32", force=True, shard_size="50KB", progress=False)
+    assert calls[-1], "the failure should come after some shards of the new DST were written"
+    assert snapshot(dst) == before and not (tmp_path / "dst.partial").exists()
 
 
 def test_stale_partial_from_a_killed_run_is_replaced(src, tmp_path):
     stale = tmp_path / "dst.partial"
     stale.mkdir()
+    (stale / ".moe_mtp_partial").write_text("")  # the marker every run writes into its DST.partial
     (stale / "junk").write_text("x")
     convert(src, tmp_path / "dst", progress=False)
     assert not stale.exists() and not (tmp_path / "dst" / "junk").exists()
+    assert not (tmp_path / "dst" / ".moe_mtp_partial").exists() and (tmp_path / "dst" / "config.json").exists()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_named_like_a_partial_output_is_never_deleted(src, tmp_path, force):
+    mine = tmp_path / "dst.partial"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "notes.txt").write_text("mine")
+    before = snapshot(mine)
+    with pytest.raises(ConversionError) as info:
+        convert(src, tmp_path / "dst", force=force, progress=False)
+    assert str(mine) in str(info.value) and "another DST" in str(info.value)
+    assert snapshot(mine) == before and not (tmp_path / "dst").exists()
 
 
 def test_destination_inside_source_is_refused(src, tmp_path):
     with pytest.raises(ConversionError, match="must not be the source"):
         convert(src, src / "out", progress=False)
+
+
+@pytest.mark.parametrize("relation", ["same", "parent", "grandparent"])
+def test_destination_that_is_or_contains_the_source_is_refused(pristine, tmp_path, relation):
+    models = tmp_path / "models"
+    src = Path(shutil.copytree(pristine, models / "deep" / "rel"))
+    dst = {"same": src, "parent": src.parent, "grandparent": models}[relation]
+    before = snapshot(models)
+    with pytest.raises(ConversionError, match="must not be the source folder, inside it, or a folder that contains"):
+        convert(src, dst, force=True, progress=False)
+    assert snapshot(models) == before and not dst.with_name(dst.name + ".partial").exists()
+
+
+def test_failed_run_removes_the_parent_folders_it_created(src, tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    calls = fail_after(monkeypatch, 60)
+    with pytest.raises(ConversionError, match="simulated failure"):
+        convert(src, tmp_path / "a" / "b" / "c" / "dst", shard_size="50KB", progress=False)
+    assert len(calls) == 60
+    assert (tmp_path / "a").is_dir() and not (tmp_path / "a" / "b").exists()  # "a" was there before
 
 
 @pytest.mark.parametrize("args", [["--from", "transformers"], ["--shard-size", "lots"], ["--dtype", "fp8"]])
