@@ -120,14 +120,13 @@ def apply_attention_mask(scores: torch.Tensor, attention_mask: torch.Tensor | No
     real token) combined with the causal mask, or the causal mask alone when none is given."""
     if attention_mask is None or attention_mask.dim() == 2:
         q_len, kv_len = scores.shape[-2:]
-        padding = attention_mask[:, None, None, :].bool() if attention_mask is not None else None
-        if q_len == 1:
-            attention_mask = padding
-        else:
-            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
-            attention_mask = attention_mask if padding is None else attention_mask & padding
-        if attention_mask is None:
+        allowed = None if attention_mask is None else attention_mask[:, None, None, :].bool()
+        if q_len > 1:
+            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+            allowed = causal if allowed is None else causal & allowed
+        if allowed is None:
             return scores
+        attention_mask = allowed
     if attention_mask.dtype == torch.bool:
         return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     return scores + attention_mask[..., : scores.shape[-1]]
