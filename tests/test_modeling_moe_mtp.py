@@ -488,3 +488,23 @@ def test_from_pretrained_of_a_release_honours_string_dtype_and_given_config(tmp_
     given = MoeMtpForCausalLM.from_pretrained(src, config=config, dtype=torch.float32)
     assert len(given.model.mtp_layers) == 0
     torch.testing.assert_close(given.model.embed_tokens.weight, by_dtype.model.embed_tokens.weight)
+
+
+def test_trainer_trains_the_model_with_its_mtp_loss(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = make_model(num_nextn_predict_layers=1)
+    rows = batch(batch_size=16, seq_len=16)
+    data = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=3e-3,
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    before = model.model.mtp_layers[0].eh_proj.weight.detach().clone()
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert not torch.equal(model.model.mtp_layers[0].eh_proj.weight, before)  # the MTP loss reaches MTP weights
+    assert sum(int(r.tokens_per_expert.sum()) for r in model.moe_routers()) > 0
