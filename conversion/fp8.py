@@ -109,6 +109,20 @@ def _dequantize_rows(q: torch.Tensor, scale_cols: torch.Tensor, block_rows: int,
             out.view(-1)[torch.from_numpy(magnitude == 0x7F)] = float("nan")
 
 
+def _dequantize_chunks(weight, scale_inv, block, name, destination):
+    """Dequantizes consecutive row chunks of about 1M values into `destination(r0, r1)`, yielding each chunk."""
+    br, bc = _block(block)
+    rows, cols = weight.shape
+    scale_cols, fast = _prepare_scale(scale_inv, cols, bc, name)
+    step = _rows_per_chunk(cols, br)
+    ws = _Workspace(min(rows, step) * cols)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        out = destination(r0, r1)
+        _dequantize_rows(weight[r0:r1].contiguous(), scale_cols[r0 // br : -(-r1 // br)], br, fast, out, ws)
+        yield out
+
+
 def iter_dequantize_block_fp8(
     weight: torch.Tensor,
     scale_inv: torch.Tensor,
@@ -118,17 +132,9 @@ def iter_dequantize_block_fp8(
     name: str | None = None,
 ):
     """Like `dequantize_block_fp8`, but yields the result as consecutive row chunks of about 1M values."""
-    _check_fp8(weight, scale_inv, block, name)
-    br, bc = _block(block)
-    rows, cols = weight.shape
-    scale_cols, fast = _prepare_scale(scale_inv, cols, bc, name)
-    step = _rows_per_chunk(cols, br)
-    ws = _Workspace(min(rows, step) * cols)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        out = torch.empty(r1 - r0, cols, dtype=dtype)
-        _dequantize_rows(weight[r0:r1].contiguous(), scale_cols[r0 // br : -(-r1 // br)], br, fast, out, ws)
-        yield out
+    _check_fp8(weight, scale_inv, block, name)  # here, not in the generator: bad input fails at the call
+    cols = weight.shape[1]
+    return _dequantize_chunks(weight, scale_inv, block, name, lambda r0, r1: torch.empty(r1 - r0, cols, dtype=dtype))
 
 
 def _check_fp8(weight, scale_inv, block, name):
@@ -151,15 +157,9 @@ def dequantize_block_fp8(
     `scale_inv` may be float32 or float8_e8m0fnu (power-of-two scales). `name` only labels errors.
     """
     _check_fp8(weight, scale_inv, block, name)
-    br, bc = _block(block)
-    rows, cols = weight.shape
-    out = torch.empty(rows, cols, dtype=dtype)
-    scale_cols, fast = _prepare_scale(scale_inv, cols, bc, name)
-    step = _rows_per_chunk(cols, br)
-    ws = _Workspace(min(rows, step) * cols)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        _dequantize_rows(weight[r0:r1].contiguous(), scale_cols[r0 // br : -(-r1 // br)], br, fast, out[r0:r1], ws)
+    out = torch.empty(weight.shape, dtype=dtype)
+    for _ in _dequantize_chunks(weight, scale_inv, block, name, lambda r0, r1: out[r0:r1]):
+        pass
     return out
 
 
