@@ -7,6 +7,7 @@ the main stack loads them unchanged; the MTP modules live at `model.mtp_layers.{
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Callable
@@ -501,7 +502,11 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _from_foreign_layout(cls, path, *model_args, config: MoeMtpConfig | None = None, **kwargs):
-        from ..conversion import load_state_dict_from_folder, read_config_dict
+        conversion = _package_module("conversion")
+        load_state_dict_from_folder, read_config_dict = (
+            conversion.load_state_dict_from_folder,
+            conversion.read_config_dict,
+        )
 
         if not os.path.isdir(path):
             raise OSError(f"{path}: released DeepSeek checkpoints load from a local folder; download it first.")
@@ -523,6 +528,34 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
             _note_dropped_mtp(saved_depth, kept_depth)
         return super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
+        """Writes a Hub-ready folder atomically (temporary folder, then rename): weights, config with `auto_map`,
+        self-contained `configuration_moe_mtp.py`/`modeling_moe_mtp.py` for `trust_remote_code=True` loads without
+        moe_mtp, and a generated model card (see `moe_mtp.hub`). A failed save leaves the target untouched."""
+        try:
+            hub = _package_module("hub")
+        except ImportError:  # running as remote code: transformers' own save copies this file
+            return super().save_pretrained(save_directory, is_main_process, state_dict, **kwargs)
+        kwargs.update(is_main_process=is_main_process, state_dict=state_dict)
+        return hub.save_pretrained(self, super().save_pretrained, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Uploads the folder `save_pretrained` writes (remote code and generated model card included)."""
+        try:
+            hub = _package_module("hub")
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return hub.push_to_hub(self, repo_id, **kwargs)
+
+
+def _package_module(name: str):
+    """Imports `moe_mtp.<name>` (the converter, the Hub helpers) lazily. Those stay out of the self-contained Hub
+    bundle of this file, so a model loaded with `trust_remote_code=True` gets a clear ImportError instead."""
+    try:
+        return importlib.import_module(f"moe_mtp.{name}")
+    except ImportError as error:
+        raise ImportError(f"This needs the moe-mtp package (`pip install moe-mtp`): {error}") from error
 
 
 FOREIGN_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
