@@ -10,8 +10,6 @@ from conftest import reference_config
 
 from moe_mtp.configuration import MoeMtpConfig
 
-# In CI the reference data sits next to the clone: <parent>/shared/reference.
-
 # A small valid config: 8 experts in 2 groups, one group per token, so 4 experts are reachable.
 TINY = dict(
     vocab_size=1000, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
