@@ -490,9 +490,18 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         """Loads moe_mtp folders, and also released DeepSeek (`deepseek_v3`/`deepseek_v2`, FP8 or not) and
         transformers-saved folders directly: the config is translated, FP8 weights are dequantized and the MTP layer
         (released at `model.layers.{num_hidden_layers + k}`) lands in `model.mtp_layers`. Those folders are read
-        whole into memory; for very large checkpoints convert them once with `python -m moe_mtp.conversion`."""
-        model_type = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
-        if model_type in FOREIGN_MODEL_TYPES:
+        whole into memory; for very large checkpoints convert them once with `python -m moe_mtp.conversion`.
+
+        A local folder is checked before any model is built, as the converter checks it: config.json must exist,
+        every tensor's name, shape and dtype must match it, FP8 scales must be valid. Missing weights are an error
+        unless `allow_missing_weights=True` (they are then newly initialized); missing trailing MTP modules are
+        initialized with a note (starting MTP training from a base model), a missing router bias starts at zero."""
+        allow_missing = kwargs.pop("allow_missing_weights", False)
+        family = _checked_local_family(pretrained_model_name_or_path, allow_missing, kwargs)
+        if family is None:  # not a local folder: route by the config's model_type
+            family = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
+        if family in FOREIGN_MODEL_TYPES:
+            kwargs["allow_missing_weights"] = allow_missing
             return cls._from_foreign_layout(pretrained_model_name_or_path, *model_args, **kwargs)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
@@ -501,7 +510,9 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         return model
 
     @classmethod
-    def _from_foreign_layout(cls, path, *model_args, config: MoeMtpConfig | None = None, **kwargs):
+    def _from_foreign_layout(
+        cls, path, *model_args, config: MoeMtpConfig | None = None, allow_missing_weights=False, **kwargs
+    ):
         conversion = _package_module("conversion")
         load_state_dict_from_folder, read_config_dict = (
             conversion.load_state_dict_from_folder,
@@ -510,7 +521,7 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
 
         if not os.path.isdir(path):
             raise OSError(f"{path}: released DeepSeek checkpoints load from a local folder; download it first.")
-        saved = read_config_dict(path)
+        saved = read_config_dict(path, mtp_from_weights=False)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
@@ -521,7 +532,9 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             config = MoeMtpConfig.from_dict({**saved, **config_kwargs})
         elif not isinstance(config, MoeMtpConfig):
             raise TypeError(f"config must be a MoeMtpConfig to load {path} into {cls.__name__}, got {type(config)}")
-        state_dict = load_state_dict_from_folder(path, MoeMtpConfig.from_dict(saved), dtype=dtype)
+        state_dict = load_state_dict_from_folder(
+            path, MoeMtpConfig.from_dict(saved), dtype=dtype, allow_missing=allow_missing_weights
+        )
         saved_depth, kept_depth = saved.get("num_nextn_predict_layers", 0), config.num_nextn_predict_layers
         if saved_depth > kept_depth:
             dropped = tuple(f"model.mtp_layers.{k}." for k in range(kept_depth, saved_depth))
@@ -558,7 +571,25 @@ def _package_module(name: str):
         raise ImportError(f"This needs the moe-mtp package (`pip install moe-mtp`): {error}") from error
 
 
-FOREIGN_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+FOREIGN_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+MISSING_WEIGHTS_HINT = " (pass allow_missing_weights=True to from_pretrained to initialize them instead)"
+
+
+def _checked_local_family(path, allow_missing: bool, kwargs: dict) -> str | None:
+    """'moe_mtp', 'deepseek_v3' or 'deepseek_v2' for a local checkpoint folder, once its config.json and weights
+    passed the converter's checks (notes are logged); None when `path` is not a local folder."""
+    folder = os.path.join(os.fspath(path), kwargs.get("subfolder") or "") if path is not None else None
+    if folder is None or not os.path.isdir(folder):
+        return None
+    try:
+        conversion = _package_module("conversion")
+    except ImportError:  # running as remote code, without moe_mtp: transformers' own loading
+        return None
+    family = conversion.folder_family(folder, config_given=kwargs.get("config") is not None)
+    if family is not None:
+        for note in conversion.check_folder(folder, allow_missing=allow_missing, missing_hint=MISSING_WEIGHTS_HINT):
+            logger.warning(note)
+    return family
 
 
 def _note_dropped_mtp(saved_depth: int, kept_depth: int):
