@@ -118,8 +118,7 @@ def config_family(config: dict, source: str = "config.json") -> str:
     if model_type in V2_TYPES or "DeepseekV2ForCausalLM" in architectures:
         return "deepseek_v2"
     raise ConversionError(
-        f"config.json: unsupported model_type {model_type!r}; expected moe_mtp, deepseek_v3 (also kimi_k2) "
-        "or deepseek_v2"
+        f"{source}: unsupported model_type {model_type!r}; expected moe_mtp, deepseek_v3 (also kimi_k2) or deepseek_v2"
     )
 
 

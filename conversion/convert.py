@@ -75,7 +75,7 @@ def open_source(
     src = Path(src)
     check_checkpoint_folder(src)
     released = read_json(src / "config.json")
-    family = config_family(released)
+    family = config_family(released, str(src / "config.json"))
     infos = read_folder_headers(src)
     layout_name = detect_layout(infos, family) if src_format == "auto" else src_format
     layout = get_layout(layout_name)
@@ -87,7 +87,7 @@ def open_source(
         ours["num_nextn_predict_layers"] = max(modules) + 1 if modules else 0
     if config is None:
         config = build_moe_mtp_config(ours, str(src / "config.json"))
-    fp8_format = FP8Format.from_config(released.get("quantization_config"))
+    fp8_format = FP8Format.from_config(released.get("quantization_config"), str(src / "config.json"))
     store = FolderStore(infos)
     try:
         source = resolve_source(store, layout, config, fp8_format, allow_unknown, allow_missing, missing_hint)

@@ -98,9 +98,10 @@ def recover(dst: Path) -> list[str]:
                 )
             remove(partial)  # the old DST was never touched: keep it
             notes.append(f"removed {partial}, the complete output of an interrupted run that had not replaced {dst}")
-        else:
-            install(partial, dst)
+        else:  # killed before or after moving the old DST aside: finish the swap
+            os.rename(partial, dst)
             notes.append(f"moved {partial}, the complete output of an interrupted run, into place as {dst}")
+            notes += recover(dst)
     return notes
 
 

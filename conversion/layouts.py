@@ -173,11 +173,11 @@ class FP8Format:
     scale_fmt: str | None = None
 
     @classmethod
-    def from_config(cls, quantization_config: dict | None) -> FP8Format:
+    def from_config(cls, quantization_config: dict | None, source: str = "config.json") -> FP8Format:
         q = quantization_config or {}
         if q and (q.get("quant_method", "fp8") != "fp8" or q.get("fmt", "e4m3") != "e4m3"):
             raise ConversionError(
-                f"config.json: unsupported quantization_config {q!r} (only block FP8 e4m3, as DeepSeek releases)"
+                f"{source}: unsupported quantization_config {q!r} (only block FP8 e4m3, as DeepSeek releases)"
             )
         block = q.get("weight_block_size") or fp8.DEFAULT_BLOCK
         if not (
@@ -186,12 +186,12 @@ class FP8Format:
             and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
         ):
             raise ConversionError(
-                f"config.json: quantization_config.weight_block_size must be 2 positive integers, got {block!r}"
+                f"{source}: quantization_config.weight_block_size must be 2 positive integers, got {block!r}"
             )
         block = tuple(block)
         scale_fmt = q.get("scale_fmt")
         if scale_fmt not in fp8.SCALE_FORMATS:
-            raise ConversionError(f"config.json: unsupported FP8 scale_fmt {scale_fmt!r}")
+            raise ConversionError(f"{source}: unsupported FP8 scale_fmt {scale_fmt!r}")
         return cls(block, scale_fmt)
 
     def quantization_config(self) -> dict:

@@ -190,6 +190,12 @@ def checkpoint_files(folder: Path) -> list[Path]:
                         f"{folder / INDEX_NAME}: maps {key!r} to {name!r}, which does not exist in {folder}"
                     )
                 files.append(path)
+        unlisted = sorted(p.name for p in folder.glob("*.safetensors") if p not in files)
+        if unlisted:
+            raise ConversionError(
+                f"{folder / INDEX_NAME}: does not list {', '.join(unlisted[:3])}, which the folder holds; "
+                "fix the index (or move the file away)"
+            )
         return files
     if (folder / SINGLE_NAME).is_file():
         return [folder / SINGLE_NAME]
