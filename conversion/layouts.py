@@ -297,6 +297,7 @@ def resolve_source(
     biases = [name for name in shapes if name not in refs and is_router_bias(name)]
     for name in biases:
         refs[name] = Ref(None, shapes[name], torch.float32)
+    biases = [name for name in biases if name not in omitted]  # a layout that never stores them: nothing to say
     if biases:
         notes.append(
             f"{len(biases)} router bias(es) ({biases[0]}{', ...' if len(biases) > 1 else ''}) missing from the "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conversion_fixtures import INDEX, edit_shard, tiny_config, write_moe_mtp, write_released
+from conversion_fixtures import INDEX, V2_LITE, edit_shard, tiny_config, write_moe_mtp, write_released
 from safetensors.torch import load_file, save_file
 
 from moe_mtp import MoeMtpForCausalLM
@@ -169,3 +169,10 @@ def test_missing_router_bias_is_a_one_line_note(src, caplog):
     notes = [r.getMessage() for r in caplog.records if "router bias" in r.getMessage()]
     assert len(notes) == 1 and "\n" not in notes[0] and "start at zero" in notes[0]
     assert not model.model.layers[1].mlp.gate.e_score_correction_bias.any()
+
+
+def test_v2_releases_store_no_router_bias_and_get_no_note(tmp_path, caplog):
+    folder, _ = write_released(tmp_path / "v2", tiny_config(**V2_LITE), fp8=False)
+    with caplog.at_level(logging.WARNING):
+        load(folder)
+    assert "router bias" not in caplog.text
