@@ -166,13 +166,13 @@ def install(partial: Path, dst: Path) -> list[str]:
     deleted completely, the new DST is in place anyway and the note says what is left where.
     """
     replaced = replaced_of(dst)
-    had_old = exists(dst)
-    if had_old:
-        os.rename(dst, replaced)
+    had_old = exists(dst)  # then `check` made sure that `replaced` did not exist
     try:
-        os.rename(partial, dst)
-    except BaseException:
         if had_old:
+            os.rename(dst, replaced)
+        os.rename(partial, dst)
+    except BaseException:  # Ctrl-C included: put the old DST back, whichever rename was interrupted
+        if had_old and exists(replaced) and not exists(dst):
             os.rename(replaced, dst)
         raise
     if had_old:
