@@ -2,7 +2,8 @@
 
 `convert` reads one tensor (or one chunk of rows) at a time and streams each output shard to disk, so its memory
 stays around the largest single tensor it has to transform (a float32 copy of it when quantizing to FP8), whatever
-the model size. Output goes to `DST.partial`, swapped into DST only once complete (see `destination.py`); any error removes it.
+the model size. Output goes to `DST.partial`, swapped into DST only once complete (see `destination.py`); any
+error removes it.
 """
 
 from __future__ import annotations

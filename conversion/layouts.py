@@ -260,8 +260,8 @@ def resolve_source(
     (present, right shape and dtype, finite and positive), unknown names (an error unless `allow_unknown`) and
     missing tensors: an error naming them (followed by `missing_hint`) unless `allow_missing`, which lists them in
     `Source.missing` instead. Trailing MTP modules that are absent as a whole (transformers drops them; a base
-    model has none) give an effective config with fewer MTP modules, and a missing router bias reads as zeros;
-    both leave a line in `Source.notes`.
+    model has none) give an effective config with fewer MTP modules (see `Source.mtp_note`), and a missing router
+    bias reads as zeros (with a line in `Source.notes`).
     """
     fp8_format = fp8_format or FP8Format()
     shapes = canonical_shapes(config)
