@@ -402,6 +402,29 @@ class GroupedExpertLinear(torch.autograd.Function):
         return grad_rows, None, None, None, *grad_weights
 
 
+class SlotsOfTokens(torch.autograd.Function):
+    """Copies each token to its `top_k` slots in expert order, and back: `gather` (tokens -> sorted slots) and
+    `combine` (sorted slots -> the sum over each token's slots) are each other's backward. Both are row gathers, so
+    neither pass needs a zero-filled scatter (index_add), and the sum is deterministic."""
+
+    @staticmethod
+    def forward(ctx, rows, order, slot_position, top_k, to_slots):
+        ctx.save_for_backward(order, slot_position)
+        ctx.top_k, ctx.to_slots = top_k, to_slots
+        return SlotsOfTokens.move(rows, order, slot_position, top_k, to_slots)
+
+    @staticmethod
+    def backward(ctx, grad):
+        order, slot_position = ctx.saved_tensors
+        return SlotsOfTokens.move(grad, order, slot_position, ctx.top_k, not ctx.to_slots), None, None, None, None
+
+    @staticmethod
+    def move(rows, order, slot_position, top_k, to_slots):
+        if to_slots:
+            return rows.index_select(0, order // top_k)
+        return rows.index_select(0, slot_position).view(-1, top_k, rows.shape[-1]).sum(dim=1)
+
+
 def _repack_after_load(module: MoeMtpExperts, incompatible_keys):
     module.pack()
 
@@ -429,9 +452,11 @@ class MoeMtpExperts(nn.ModuleList):
 
     def linears(self) -> dict[str, list[nn.Module]]:
         """Per packed buffer, its linears in buffer order: all gates then all ups, and all downs."""
+        # Plain dict lookups: this runs every forward over hundreds of experts.
+        children = [expert._modules for expert in self._modules.values()]
         return {
-            "gate_up": [e.gate_proj for e in self] + [e.up_proj for e in self],
-            "down": [e.down_proj for e in self],
+            "gate_up": [c["gate_proj"] for c in children] + [c["up_proj"] for c in children],
+            "down": [c["down_proj"] for c in children],
         }
 
     def packable(self) -> bool:
@@ -447,13 +472,13 @@ class MoeMtpExperts(nn.ModuleList):
             and grouped_mm_available(first.device)
         )
 
-    def is_packed(self) -> bool:
+    def is_packed(self, linears: dict[str, list[nn.Module]] | None = None) -> bool:
         """Whether every expert is still a plain `nn.Linear` whose weight is the view `pack()` made (pointer checks)."""
         if self.packed is None:
             return False
         pointers = [
-            linear.weight.data_ptr() if type(linear) is nn.Linear else -1
-            for group in self.linears().values()
+            linear._parameters["weight"].data_ptr() if type(linear) is nn.Linear else -1
+            for group in (linears or self.linears()).values()
             for linear in group
         ]
         return pointers == self.packed_pointers
@@ -498,7 +523,7 @@ class MoeMtpExperts(nn.ModuleList):
         when the experts must run one by one. Records the path in `last_path`."""
         linears = self.linears()
         # Pointer checks cannot be traced; under torch.compile the hooks listed above keep the packing current.
-        if self.packed is not None and (torch.compiler.is_compiling() or self.is_packed()):
+        if self.packed is not None and (torch.compiler.is_compiling() or self.is_packed(linears)):
             packed = self.packed
         elif self.packable():
             packed = None
@@ -509,7 +534,7 @@ class MoeMtpExperts(nn.ModuleList):
         else:
             self.last_path = "per_expert"
             return None
-        weights = {name: [linear.weight for linear in group] for name, group in linears.items()}
+        weights = {name: [linear._parameters["weight"] for linear in group] for name, group in linears.items()}
         if packed is None:
             self.last_path = "grouped_stacked"
             with torch.no_grad():
@@ -555,15 +580,15 @@ class MoeMtpMoE(nn.Module):
 
     def grouped_dispatch(self, tokens, topk_indices, topk_weights, packed, weights) -> torch.Tensor:
         """Slots sorted by expert, gate/up as one grouped GEMM and down as another. Offsets stay on the device."""
-        num_tokens, top_k = topk_indices.shape
+        top_k = topk_indices.shape[1]
         expert_of_slot = topk_indices.flatten()
         order = expert_of_slot.argsort(stable=True)
         # scatter_add rather than bincount: a fixed output size, so no host sync and no graph break under compile.
         counts = torch.zeros(len(self.experts), dtype=torch.int64, device=tokens.device)
         offsets = counts.scatter_add_(0, expert_of_slot, torch.ones_like(expert_of_slot)).cumsum(0).to(torch.int32)
+        slot_position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         dtype = packed["gate_up"].dtype
-        # index_select rather than advanced indexing: its backward is a fast index_add, not an accumulating index_put.
-        sorted_tokens = tokens.index_select(0, order // top_k).to(dtype)
+        sorted_tokens = SlotsOfTokens.apply(tokens.to(dtype), order, slot_position, top_k, True)
         gate, up = GroupedExpertLinear.apply(sorted_tokens, offsets, packed["gate_up"], 2, *weights["gate_up"]).chunk(
             2, dim=-1
         )
@@ -571,9 +596,7 @@ class MoeMtpMoE(nn.Module):
         slot_weights = topk_weights.flatten().index_select(0, order).unsqueeze(-1).to(dtype)
         intermediate = self.experts[0].act_fn(gate) * up * slot_weights
         outputs = GroupedExpertLinear.apply(intermediate, offsets, packed["down"], 1, *weights["down"])
-        slot_position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        combined = outputs.index_select(0, slot_position).view(num_tokens, top_k, -1).sum(dim=1)
-        return combined.to(tokens.dtype)
+        return SlotsOfTokens.apply(outputs, order, slot_position, top_k, False).to(tokens.dtype)
 
     def per_expert_dispatch(self, tokens, topk_indices, topk_weights) -> torch.Tensor:
         """One GEMM per active expert through its own modules (bitsandbytes layers, PEFT wrappers)."""
