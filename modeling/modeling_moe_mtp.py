@@ -332,7 +332,9 @@ class MoeMtpTopkRouter(nn.Module):
         if self.topk_method != "greedy" and self.topk_group < self.n_group:
             grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
             if self.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                # Sum of each group's two best scores; two max passes are several times faster than topk(2) on CPU.
+                best, best_index = grouped.max(dim=-1)
+                group_scores = best + grouped.scatter(-1, best_index.unsqueeze(-1), float("-inf")).amax(dim=-1)
             else:
                 group_scores = grouped.amax(dim=-1)
             group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
