@@ -313,9 +313,12 @@ class MoeMtpTopkRouter(nn.Module):
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weights = topk_weights * self.routed_scaling_factor
         # Skip the recomputation that gradient checkpointing runs inside backward, which would count twice.
-        if self.training and torch._C._current_graph_task_id() == -1:
-            counted = topk_indices if token_mask is None else topk_indices[token_mask.reshape(-1).bool()]
-            self.tokens_per_expert += torch.bincount(counted.flatten(), minlength=self.num_experts)
+        if self.training and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1):
+            # A masked scatter_add rather than bincount of the real tokens: fixed shapes, so torch.compile keeps it.
+            counted = torch.ones_like(topk_indices, dtype=self.tokens_per_expert.dtype)
+            if token_mask is not None:
+                counted = counted * token_mask.reshape(-1, 1).to(counted.dtype)
+            self.tokens_per_expert.scatter_add_(0, topk_indices.flatten(), counted.flatten())
         return router_logits, topk_weights, topk_indices
 
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
@@ -330,13 +333,222 @@ class MoeMtpTopkRouter(nn.Module):
         if self.topk_method != "greedy" and self.topk_group < self.n_group:
             grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
             if self.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                # Sum of each group's two best scores; two max passes are several times faster than topk(2) on CPU.
+                best, best_index = grouped.max(dim=-1)
+                group_scores = best + grouped.scatter(-1, best_index.unsqueeze(-1), float("-inf")).amax(dim=-1)
             else:
                 group_scores = grouped.amax(dim=-1)
             group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
             choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(-1, self.num_experts)
         return choice.topk(self.top_k, dim=-1, sorted=False).indices
+
+
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_available(device: torch.device) -> bool:
+    """Whether this torch has a grouped GEMM kernel for `device` (CPU from torch 2.9, CUDA on sm80+)."""
+    if GROUPED_MM is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu"
+
+
+@torch.library.custom_op("moe_mtp::grouped_mm", mutates_args=())
+def _grouped_mm_op(mat_a: torch.Tensor, mat_b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return GROUPED_MM(mat_a, mat_b, offs=offsets)
+
+
+@_grouped_mm_op.register_fake
+def _(mat_a, mat_b, offsets):
+    if mat_b.dim() == 3:  # (rows, k) x (groups, k, n) -> (rows, n)
+        return mat_a.new_empty(mat_a.shape[0], mat_b.shape[-1])
+    return mat_a.new_empty(offsets.shape[0], mat_a.shape[0], mat_b.shape[1])  # (m, rows) x (rows, n) -> (groups, m, n)
+
+
+def grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """torch's grouped GEMM. torch.compile traces it only in bf16, so other dtypes go through an opaque custom op
+    that runs the same kernel."""
+    if mat_a.dtype == torch.bfloat16 or not torch.compiler.is_compiling():
+        return GROUPED_MM(mat_a, mat_b, offs=offsets)
+    return _grouped_mm_op(mat_a, mat_b, offsets)
+
+
+class GroupedExpertLinear(torch.autograd.Function):
+    """Rows of expert e times `packed[e].T`, for all experts in one grouped GEMM, forward and backward.
+
+    `packed` is (experts, out, in) and holds the experts' own `nn.Linear` weights, `parts` of them stacked along
+    `out` per expert (gate and up share one GEMM). Those weights are passed too, so the weight gradient reaches each
+    expert's parameter as its own `.grad`: optimizers, DDP and gradient clipping see ordinary per-expert parameters.
+    Experts without rows get zero gradients. `offsets` (int32, on the device) ends each expert's rows.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, offsets, packed, parts, *expert_weights):
+        ctx.save_for_backward(rows, offsets, packed)
+        ctx.parts = parts
+        return grouped_mm(rows, packed.transpose(-2, -1), offsets)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        rows, offsets, packed = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        grad_rows = grouped_mm(grad_output, packed, offsets) if ctx.needs_input_grad[0] else None
+        grad_weights = [None] * (len(ctx.needs_input_grad) - 4)
+        if any(ctx.needs_input_grad[4:]):
+            grad_packed = grouped_mm(grad_output.t(), rows, offsets)  # (experts, out, in)
+            num_experts, out_features, in_features = grad_packed.shape
+            per_part = grad_packed.view(num_experts, ctx.parts, out_features // ctx.parts, in_features)
+            grad_weights = [g for part in range(ctx.parts) for g in per_part[:, part].unbind(0)]
+        return grad_rows, None, None, None, *grad_weights
+
+
+class SlotsOfTokens(torch.autograd.Function):
+    """Copies each token to its `top_k` slots in expert order, and back: `gather` (tokens -> sorted slots) and
+    `combine` (sorted slots -> the sum over each token's slots) are each other's backward. Both are row gathers, so
+    neither pass needs a zero-filled scatter (index_add), and the sum is deterministic."""
+
+    @staticmethod
+    def forward(ctx, rows, order, slot_position, top_k, to_slots):
+        ctx.save_for_backward(order, slot_position)
+        ctx.top_k, ctx.to_slots = top_k, to_slots
+        return SlotsOfTokens.move(rows, order, slot_position, top_k, to_slots)
+
+    @staticmethod
+    def backward(ctx, grad):
+        order, slot_position = ctx.saved_tensors
+        return SlotsOfTokens.move(grad, order, slot_position, ctx.top_k, not ctx.to_slots), None, None, None, None
+
+    @staticmethod
+    def move(rows, order, slot_position, top_k, to_slots):
+        if to_slots:
+            return rows.index_select(0, order // top_k)
+        return rows.index_select(0, slot_position).view(-1, top_k, rows.shape[-1]).sum(dim=1)
+
+
+def _repack_after_load(module: MoeMtpExperts, incompatible_keys):
+    module.pack()
+
+
+class MoeMtpExperts(nn.ModuleList):
+    """The routed experts: one `MoeMtpMLP` per expert, so keys match the release and bitsandbytes and PEFT see plain
+    `nn.Linear` layers. Their weights are views into one (experts, 2 * width, hidden) gate/up buffer and one
+    (experts, hidden, width) down buffer, which the grouped GEMM reads directly.
+
+    `pack()` rebuilds the buffers after `.to()`/`.cuda()`/`.half()`, `load_state_dict`, `from_pretrained`, deepcopy
+    and unpickling, and on `model.pack_experts()`. If expert weights were replaced some other way, the grouped path stacks them for each
+    forward (correct, one copy) and logs how to repack. `last_path` records the path of the last forward: "grouped"
+    (packed), "grouped_stacked", or "per_expert" (bitsandbytes, PEFT, or no grouped kernel for the device).
+    """
+
+    def __init__(self, config: MoeMtpConfig):
+        super().__init__(
+            MoeMtpMLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        self.packed: dict[str, torch.Tensor] | None = None
+        self.packed_pointers: list[int] = []
+        self.last_path: str | None = None
+        self.register_load_state_dict_post_hook(_repack_after_load)
+        self.pack()
+
+    def linears(self) -> dict[str, list[nn.Module]]:
+        """Per packed buffer, its linears in buffer order: all gates then all ups, and all downs."""
+        # Plain dict lookups: this runs every forward over hundreds of experts.
+        children = [expert._modules for expert in self._modules.values()]
+        return {
+            "gate_up": [c["gate_proj"] for c in children] + [c["up_proj"] for c in children],
+            "down": [c["down_proj"] for c in children],
+        }
+
+    def packable(self) -> bool:
+        """Plain, materialized floating-point `nn.Linear` experts of one dtype and device, with a grouped kernel."""
+        linears = [linear for group in self.linears().values() for linear in group]
+        if any(type(linear) is not nn.Linear or linear.bias is not None for linear in linears):
+            return False
+        first = linears[0].weight
+        return (
+            first.is_floating_point()
+            and first.device.type != "meta"
+            and all(linear.weight.dtype == first.dtype and linear.weight.device == first.device for linear in linears)
+            and grouped_mm_available(first.device)
+        )
+
+    def is_packed(self, linears: dict[str, list[nn.Module]] | None = None) -> bool:
+        """Whether every expert is still a plain `nn.Linear` whose weight is the view `pack()` made (pointer checks)."""
+        if self.packed is None:
+            return False
+        pointers = [
+            linear._parameters["weight"].data_ptr() if type(linear) is nn.Linear else -1
+            for group in (linears or self.linears()).values()
+            for linear in group
+        ]
+        return pointers == self.packed_pointers
+
+    @torch.no_grad()
+    def pack(self) -> bool:
+        """Copies the expert weights into one buffer per projection and makes each weight a view into it. Returns
+        whether the experts are packed: bitsandbytes, PEFT or meta weights stay unpacked (per-expert path)."""
+        if self.is_packed():
+            return True
+        self.packed, self.packed_pointers = None, []
+        if not self.packable():
+            return False
+        packed, pointers = {}, []
+        for name, linears in self.linears().items():
+            num_experts, parts = len(self), len(linears) // len(self)
+            first = linears[0].weight
+            buffer = first.new_empty(num_experts, parts * first.shape[0], first.shape[1])
+            slots = buffer.view(num_experts, parts, *first.shape)
+            for position, linear in enumerate(linears):
+                part, expert = divmod(position, num_experts)
+                slots[expert, part].copy_(linear.weight)
+                linear.weight.data = slots[expert, part]
+                pointers.append(linear.weight.data_ptr())
+            packed[name] = buffer
+        self.packed, self.packed_pointers = packed, pointers
+        return True
+
+    def __setstate__(self, state):
+        # Unpickling and deepcopy clone each weight on its own.
+        super().__setstate__(state)
+        self.pack()
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)`, `.cuda()` and friends give each weight a new tensor of its own: pack them again.
+        result = super()._apply(fn, recurse)
+        self.pack()
+        return result
+
+    def grouped_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]] | None:
+        """The (experts, out, in) buffers the grouped GEMMs read and the per-expert weights they stand for, or None
+        when the experts must run one by one. Records the path in `last_path`."""
+        linears = self.linears()
+        # Pointer checks cannot be traced; under torch.compile the hooks listed above keep the packing current.
+        if self.packed is not None and (torch.compiler.is_compiling() or self.is_packed(linears)):
+            packed = self.packed
+        elif self.packable():
+            packed = None
+            logger.warning_once(
+                "moe_mtp: the expert weights are not packed (they were replaced after loading), so every forward "
+                "stacks them (one copy). Call `model.pack_experts()` to pack them again."
+            )
+        else:
+            self.last_path = "per_expert"
+            return None
+        weights = {name: [linear._parameters["weight"] for linear in group] for name, group in linears.items()}
+        if packed is None:
+            self.last_path = "grouped_stacked"
+            with torch.no_grad():
+                gates, ups = weights["gate_up"][: len(self)], weights["gate_up"][len(self) :]
+                packed = {
+                    "gate_up": torch.cat((torch.stack(gates), torch.stack(ups)), dim=1),
+                    "down": torch.stack(weights["down"]),
+                }
+        else:
+            self.last_path = "grouped"
+        return packed, weights
 
 
 class MoeMtpMoE(nn.Module):
@@ -346,9 +558,7 @@ class MoeMtpMoE(nn.Module):
         super().__init__()
         self.gate = MoeMtpTopkRouter(config)
         # One module per expert: bitsandbytes and PEFT see plain nn.Linear layers, and keys match the release.
-        self.experts = nn.ModuleList(
-            MoeMtpMLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(config.n_routed_experts)
-        )
+        self.experts = MoeMtpExperts(config)
         self.shared_experts = None
         if config.n_shared_experts:
             self.shared_experts = MoeMtpMLP(
@@ -365,6 +575,35 @@ class MoeMtpMoE(nn.Module):
         return routed
 
     def dispatch(self, tokens: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Runs the routed experts: two grouped GEMMs for plain full-precision experts, else one GEMM per expert."""
+        grouped = self.experts.grouped_weights()
+        if grouped is None:
+            return self.per_expert_dispatch(tokens, topk_indices, topk_weights)
+        return self.grouped_dispatch(tokens, topk_indices, topk_weights, *grouped)
+
+    def grouped_dispatch(self, tokens, topk_indices, topk_weights, packed, weights) -> torch.Tensor:
+        """Slots sorted by expert, gate/up as one grouped GEMM and down as another. Offsets stay on the device."""
+        top_k = topk_indices.shape[1]
+        expert_of_slot = topk_indices.flatten()
+        order = expert_of_slot.argsort(stable=True)
+        # scatter_add rather than bincount: a fixed output size, so no host sync and no graph break under compile.
+        counts = torch.zeros(len(self.experts), dtype=torch.int64, device=tokens.device)
+        offsets = counts.scatter_add_(0, expert_of_slot, torch.ones_like(expert_of_slot)).cumsum(0).to(torch.int32)
+        slot_position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        dtype = packed["gate_up"].dtype
+        sorted_tokens = SlotsOfTokens.apply(tokens.to(dtype), order, slot_position, top_k, True)
+        gate, up = GroupedExpertLinear.apply(sorted_tokens, offsets, packed["gate_up"], 2, *weights["gate_up"]).chunk(
+            2, dim=-1
+        )
+        # The gate weight scales the narrow intermediate rather than the hidden-size output: same product, less work.
+        slot_weights = topk_weights.flatten().index_select(0, order).unsqueeze(-1).to(dtype)
+        intermediate = self.experts[0].act_fn(gate) * up * slot_weights
+        outputs = GroupedExpertLinear.apply(intermediate, offsets, packed["down"], 1, *weights["down"])
+        return SlotsOfTokens.apply(outputs, order, slot_position, top_k, False).to(tokens.dtype)
+
+    def per_expert_dispatch(self, tokens, topk_indices, topk_weights) -> torch.Tensor:
+        """One GEMM per active expert through its own modules (bitsandbytes layers, PEFT wrappers)."""
+        self.experts.last_path = "per_expert"
         num_tokens, top_k = topk_indices.shape
         expert_of_slot = topk_indices.flatten()
         order = expert_of_slot.argsort(stable=True)  # slots grouped by expert
@@ -464,7 +703,9 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # expert dispatch reads per-expert token counts on the host
+    # Inference and language-model training compile without graph breaks (grouped experts, device-side offsets); the
+    # MTP loss skips depths without targets on the host, a graph break outside the layers.
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": MoeMtpDecoderLayer,
         "attentions": OutputRecorder(MoeMtpAttention, index=1, layer_name="layers"),  # main layers, not MTP
@@ -502,12 +743,20 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             family = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
         if family in FOREIGN_MODEL_TYPES:
             kwargs["allow_missing_weights"] = allow_missing
-            return cls._from_foreign_layout(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
-        if isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
-            _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
+            model = cls._from_foreign_layout(pretrained_model_name_or_path, *model_args, **kwargs)
+        else:
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
+            if isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
+                _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
+        model.pack_experts()  # loading gave every expert weight a tensor of its own
         return model
+
+    def pack_experts(self) -> int:
+        """Packs the routed experts' weights into one buffer per projection so that the grouped GEMM path runs.
+        Loading, `.to()` and `load_state_dict` do this already; call it after replacing expert weights by hand.
+        Returns how many MoE layers are packed (bitsandbytes-quantized or PEFT-wrapped experts are not)."""
+        return sum(module.pack() for module in self.modules() if isinstance(module, MoeMtpExperts))
 
     @classmethod
     def _from_foreign_layout(
