@@ -208,9 +208,9 @@ class MoeMtpConfig(PretrainedConfig):
 
 
 def check_rope_parameters(config: MoeMtpConfig):
-    """Raises a ValueError naming the problem unless `config.rope_parameters` is a rope the model can run; fills in
-    the default `rope_theta`. Runs when the config is built and again when a model is, because users (and
-    transformers' tests) edit `rope_parameters` in between."""
+    """Raises a ValueError naming the problem unless `config.rope_parameters` is a rope the model can run, after
+    filling in defaults as transformers does (`rope_theta`, yarn/llama3/longrope's original length). Runs when the
+    config is built and again when a model is, because users (and transformers' tests) edit it in between."""
 
     def fail(message):
         raise ValueError(f"MoeMtpConfig.rope_parameters: {message}")
@@ -222,13 +222,14 @@ def check_rope_parameters(config: MoeMtpConfig):
     if rope_type not in ROPE_TYPES:
         fail(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
     params.setdefault("rope_theta", config.default_theta)
+    config.standardize_rope_params()  # as transformers' rope functions do, e.g. yarn's original length defaults in
     # MLA already splits each head into rotated (qk_rope_head_dim) and unrotated dims.
     if rope_type != "proportional" and params.get("partial_rotary_factor", 1.0) != 1.0:
         fail("partial_rotary_factor is not supported: set qk_rope_head_dim/qk_nope_head_dim instead")
     try:
         config.validate_rope()  # transformers' per-type check of the required keys (e.g. yarn's 'factor')
     except KeyError as error:
-        fail(f"{error.args[0] if error.args else error} (rope_type {rope_type!r})")
+        fail(error.args[0] if error.args else str(error))
 
 
 __all__ = ["MoeMtpConfig"]

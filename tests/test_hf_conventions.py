@@ -122,6 +122,10 @@ def test_rope_parameters_edited_after_the_config_are_checked_when_the_model_is_b
     config.rope_parameters = {"rope_type": "linear"}
     with pytest.raises(ValueError, match=r"MoeMtpConfig\.rope_parameters: .*'factor'"):
         MoeMtpModel(config)
+    # Defaults fill in as in transformers: yarn's original length is max_position_embeddings.
+    config.rope_parameters = {"rope_type": "yarn", "factor": 4.0}
+    assert MoeMtpModel(config).rotary_emb.rope_type == "yarn"
+    assert config.rope_parameters["original_max_position_embeddings"] == config.max_position_embeddings
 
 
 def test_dynamic_rope_set_after_the_config_rescales_only_past_the_trained_length():
