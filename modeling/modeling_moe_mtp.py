@@ -504,7 +504,8 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         whole into memory; for very large checkpoints convert them once with `python -m moe_mtp.conversion`."""
         model_type = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
         if model_type in FOREIGN_MODEL_TYPES:
-            return cls._from_foreign_layout(pretrained_model_name_or_path, *model_args, **kwargs)
+            path = os.path.join(pretrained_model_name_or_path, kwargs.pop("subfolder", None) or "")
+            return cls._from_foreign_layout(path, *model_args, **kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info)
         saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)

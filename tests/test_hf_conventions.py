@@ -141,3 +141,16 @@ def test_dynamic_rope_set_after_the_config_rescales_only_past_the_trained_length
         assert not torch.allclose(dynamic(long).last_hidden_state, plain(long).last_hidden_state, atol=1e-5)
         # Back to a short input, the original frequencies are restored.
         torch.testing.assert_close(dynamic(short).last_hidden_state, plain(short).last_hidden_state)
+
+
+@pytest.mark.parametrize("layout", ["moe_mtp", "released"])
+def test_subfolder_is_honoured_for_both_layouts(tmp_path, layout):
+    from conversion_fixtures import tiny_config as release_config
+    from conversion_fixtures import write_released
+
+    if layout == "moe_mtp":
+        MoeMtpForCausalLM(tiny_config()).save_pretrained(tmp_path / "repo" / "sub")
+    else:
+        write_released(tmp_path / "repo" / "sub", release_config())
+    model, info = MoeMtpForCausalLM.from_pretrained(tmp_path / "repo", subfolder="sub", output_loading_info=True)
+    assert isinstance(model, MoeMtpForCausalLM) and not info["missing_keys"]
