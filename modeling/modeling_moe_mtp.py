@@ -5,8 +5,6 @@ then the pretrained base, the model and the causal LM. Tensor names match the re
 the main stack loads them unchanged; the MTP modules live at `model.mtp_layers.{k}` (released: `model.layers.{N+k}`).
 """
 
-from __future__ import annotations
-
 import importlib
 import math
 import os
@@ -23,14 +21,16 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration import MoeMtpConfig
+from ..configuration.configuration_moe_mtp import check_rope_parameters
 
 logger = logging.get_logger(__name__)
 
@@ -52,33 +52,47 @@ class MoeMtpRMSNorm(nn.Module):
 
 
 def yarn_softmax_mscale(rope_parameters: dict) -> float:
-    """DeepSeek's YaRN folds `mscale_all_dim` into the softmax scale, squared (once for q, once for k)."""
+    """DeepSeek folds `mscale_all_dim` into the softmax scale, squared (once for q, once for k), for any scaled rope
+    (as DeepSeek's reference code and transformers' DeepseekV3 do); YaRN is the only type released configs use."""
     factor, mscale_all_dim = rope_parameters.get("factor", 1.0), rope_parameters.get("mscale_all_dim", 0)
-    if rope_parameters.get("rope_type", "default") != "yarn" or not mscale_all_dim or factor <= 1:
+    if rope_parameters.get("rope_type", "default") == "default" or not mscale_all_dim or factor <= 1:
         return 1.0
     mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
     return mscale * mscale
 
 
 class MoeMtpRotaryEmbedding(nn.Module):
-    """Rotary frequencies for the decoupled rope dims; YaRN comes from transformers' rope registry."""
+    """Rotary frequencies for the decoupled rope dims. Every rope type of transformers' registry works (`yarn`,
+    `linear`, `dynamic`, `longrope`, `llama3`, ...); `dynamic_rope_update` rescales `dynamic` and `longrope` with the
+    sequence length, as in transformers' own models."""
 
     inv_freq: torch.Tensor
+    original_inv_freq: torch.Tensor
 
     def __init__(self, config: MoeMtpConfig):
         super().__init__()
-        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        # Checked here too: rope_parameters may have been edited since the config was built.
+        check_rope_parameters(config)
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def compute_inv_freq(config: MoeMtpConfig) -> tuple[torch.Tensor, float]:
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        if rope_type != "default":
-            return ROPE_INIT_FUNCTIONS[rope_type](config)
+    def compute_default_rope_parameters(
+        config: MoeMtpConfig, device: torch.device | None = None, seq_len: int | None = None, **kwargs
+    ) -> tuple[torch.Tensor, float]:
+        """Plain rope over the `qk_rope_head_dim` dims (also what `_init_weights` recomputes the buffers with)."""
         dim, base = config.qk_rope_head_dim, config.rope_parameters.get("rope_theta", 10000.0)
-        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim)), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns cos and sin of shape (batch, seq, rope_dim // 2), one angle per interleaved pair."""
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -428,7 +442,7 @@ class SlotsOfTokens(torch.autograd.Function):
         return rows.index_select(0, slot_position).view(-1, top_k, rows.shape[-1]).sum(dim=1)
 
 
-def _repack_after_load(module: MoeMtpExperts, incompatible_keys):
+def _repack_after_load(module: "MoeMtpExperts", incompatible_keys):
     module.pack()
 
 
@@ -723,8 +737,6 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             init.zeros_(module.e_score_correction_bias)
             init.zeros_(module.tokens_per_expert)
-        elif isinstance(module, MoeMtpRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(self.config)[0])
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -742,15 +754,17 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         if family is None:  # not a local folder: route by the config's model_type
             family = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
         if family in FOREIGN_MODEL_TYPES:
-            kwargs["allow_missing_weights"] = allow_missing
-            model = cls._from_foreign_layout(pretrained_model_name_or_path, *model_args, **kwargs)
+            path = os.path.join(pretrained_model_name_or_path, kwargs.pop("subfolder", None) or "")
+            loaded = cls._from_foreign_layout(path, *model_args, allow_missing_weights=allow_missing, **kwargs)
+            model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info)
         else:
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            model = loaded[0] if kwargs.get("output_loading_info") else loaded
             saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
             if isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
                 _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
         model.pack_experts()  # loading gave every expert weight a tensor of its own
-        return model
+        return loaded
 
     def pack_experts(self) -> int:
         """Packs the routed experts' weights into one buffer per projection so that the grouped GEMM path runs.
@@ -849,18 +863,25 @@ def _note_dropped_mtp(saved_depth: int, kept_depth: int):
 
 
 def _saved_config_value(path, key: str, kwargs: dict):
-    """Reads one value from the checkpoint's own config.json (before any override)."""
+    """Reads one value from the checkpoint's own config.json (before any override). Nothing to read for `None`
+    (weights given as `state_dict`); a local folder is read directly, so neither asks the Hub."""
     import json
 
     from transformers.utils import cached_file
 
-    hub_kwargs = {
-        k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
-    }
-    try:
-        config_file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-    except OSError:
+    if path is None:
         return None
+    if os.path.isdir(path):
+        config_file = os.path.join(path, kwargs.get("subfolder") or "", "config.json")
+        config_file = config_file if os.path.isfile(config_file) else None
+    else:
+        hub_kwargs = {
+            k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
+        }
+        try:
+            config_file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        except OSError:
+            return None
     if config_file is None:
         return None
     with open(config_file) as f:
@@ -908,7 +929,7 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_mtp_hidden_states: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeMtpModelOutputWithPast:
         r"""
         output_mtp_hidden_states (`bool`, *optional*, defaults to `False`):
@@ -1034,6 +1055,7 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear):
         self.lm_head = value
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @deprecate_kwarg("num_logits_to_keep", "5.40.0", new_name="logits_to_keep")
     def forward(
@@ -1047,9 +1069,9 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_mtp_logits: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MoeMtpCausalLMOutputWithPast | tuple:
+        shift_labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeMtpCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets in transformers' convention (unshifted, -100 ignored). With MTP modules the loss is
@@ -1057,16 +1079,21 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             `seq_aux_loss_alpha > 0`.
         output_mtp_logits (`bool`, *optional*, defaults to `False`):
             Return the MTP logits even without `labels`.
+        shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Already-shifted targets: position i predicts `shift_labels[i]` (MTP depth k: `shift_labels[i + k]`).
+            They replace `labels` when given, as under sequence/context parallelism, where shifting a shard locally
+            would be wrong.
         """
         config = self.config
         mtp_depth = len(self.model.mtp_layers)
-        want_mtp = mtp_depth > 0 and (output_mtp_logits or (labels is not None and config.mtp_loss_weight > 0))
+        has_targets = labels is not None or shift_labels is not None
+        want_mtp = mtp_depth > 0 and (output_mtp_logits or (has_targets and config.mtp_loss_weight > 0))
         if want_mtp and cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
                 "MTP logits are computed over whole sequences and do not use a cache: call the model without "
                 "`cache`/`past_key_values` (or with output_mtp_logits=False and no labels)."
             )
-        want_balance = labels is not None and self.training and config.seq_aux_loss_alpha > 0
+        want_balance = has_targets and self.training and config.seq_aux_loss_alpha > 0
         if want_balance:
             kwargs["output_router_logits"] = True
         outputs: MoeMtpModelOutputWithPast = self.model(
@@ -1077,6 +1104,7 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_mtp_hidden_states=want_mtp,
+            return_dict=True,  # a tuple, if asked for (or set in the config), is made by `can_return_tuple` here
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -1085,11 +1113,15 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         mtp_logits = tuple(self.lm_head(h) for h in outputs.mtp_hidden_states) if want_mtp else None
 
         loss = main_loss = aux_loss = mtp_losses = None
-        if labels is not None:
+        if has_targets:
+            if shift_labels is None:
+                shift_labels = F.pad(labels[..., 1:], (0, 1), value=-100)
             loss_kwargs = {k: v for k, v in kwargs.items() if k == "num_items_in_batch"}
-            loss = main_loss = self.loss_function(logits, labels, vocab_size=config.vocab_size, **loss_kwargs)
+            loss = main_loss = self.loss_function(
+                logits, labels, vocab_size=config.vocab_size, shift_labels=shift_labels, **loss_kwargs
+            )
             if mtp_logits:
-                per_depth = self.mtp_losses(mtp_logits, labels, attention_mask, loss_kwargs)
+                per_depth = self.mtp_losses(mtp_logits, shift_labels, attention_mask, loss_kwargs)
                 counted = [depth_loss for depth_loss in per_depth if depth_loss is not None]
                 mtp_losses = tuple(
                     depth_logits.sum() * 0 if depth_loss is None else depth_loss
@@ -1116,14 +1148,14 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output
 
-    def mtp_losses(self, mtp_logits, labels, attention_mask, loss_kwargs) -> list[torch.Tensor | None]:
-        """Cross-entropy of each MTP depth k: slot i predicts labels[i + k + 1]. Slots whose hidden state is padding
-        are ignored; a depth with no target left gives None (instead of a NaN mean over nothing)."""
+    def mtp_losses(self, mtp_logits, shift_labels, attention_mask, loss_kwargs) -> list[torch.Tensor | None]:
+        """Cross-entropy of each MTP depth k: slot i predicts shift_labels[i + k] (token i + k + 1). Slots whose
+        hidden state is padding are ignored; a depth with no target left gives None (instead of a NaN mean)."""
         losses = []
         for depth, depth_logits in enumerate(mtp_logits, start=1):
-            targets = F.pad(labels[:, depth + 1 :], (0, 1), value=-100)  # aligned with the S - k slots
+            targets = shift_labels[:, depth:].contiguous()  # aligned with the S - k slots
             slots = mtp_slot_mask(attention_mask, depth)
             if slots is not None:
                 targets = targets.masked_fill(slots.to(targets.device) == 0, -100)
