@@ -484,29 +484,78 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MoeMtpRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(self.config)[0])
 
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the model, counting the quantization state bitsandbytes keeps outside the parameters and
+        each shared storage (a tied head) once."""
+        from ..quantization import memory_footprint
+
+        return memory_footprint(self, return_buffers)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Loads moe_mtp folders, and also released DeepSeek (`deepseek_v3`/`deepseek_v2`, FP8 or not) and
         transformers-saved folders directly: the config is translated, FP8 weights are dequantized and the MTP layer
-        (released at `model.layers.{num_hidden_layers + k}`) lands in `model.mtp_layers`. Those folders are read
-        whole into memory; for very large checkpoints convert them once with `python -m moe_mtp.conversion`."""
+        (released at `model.layers.{num_hidden_layers + k}`) lands in `model.mtp_layers`.
+
+        Those folders, and any local folder loaded with a bitsandbytes `quantization_config` or `dtype="fp8"`, are
+        read lazily, one tensor at a time, so quantizing while loading never holds the full-precision model.
+        `dtype="fp8"` keeps a block-FP8 checkpoint's linear weights as FP8 (see docs/quantization.md)."""
+        from ..quantization import after_bnb_load, as_bnb_config, check_fp8_support
+
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        keep_fp8 = isinstance(dtype, str) and dtype.lower() == "fp8"
+        bnb_config = as_bnb_config(kwargs.get("quantization_config"))
+        if keep_fp8:
+            check_fp8_support()
+            if kwargs.get("quantization_config") is not None:
+                raise ValueError(
+                    "dtype='fp8' keeps the checkpoint's FP8 weights; do not pass a quantization_config too."
+                )
+        if bnb_config is not None:
+            from ..quantization import check_bitsandbytes
+
+            config = kwargs.get("config")
+            if not isinstance(config, MoeMtpConfig):
+                from ..conversion import moe_mtp_config_dict
+
+                config = MoeMtpConfig.from_dict(
+                    moe_mtp_config_dict(_saved_config(pretrained_model_name_or_path, kwargs))
+                )
+            check_bitsandbytes(bnb_config, config, kwargs.get("device_map"))
         model_type = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
-        if model_type in FOREIGN_MODEL_TYPES:
-            return cls._from_foreign_layout(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
-        if isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
-            _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
+        saved_quantization = _saved_config_value(pretrained_model_name_or_path, "quantization_config", kwargs) or {}
+        saved_fp8 = saved_quantization.get("quant_method") == "fp8"
+        if model_type in FOREIGN_MODEL_TYPES or (
+            os.path.isdir(str(pretrained_model_name_or_path))
+            and (bnb_config is not None or keep_fp8 or saved_fp8)
+            and as_bnb_config(saved_quantization) is None
+        ):
+            model = cls._from_folder_lazily(pretrained_model_name_or_path, *model_args, keep_fp8=keep_fp8, **kwargs)
+        elif keep_fp8:
+            raise OSError(f"{pretrained_model_name_or_path}: dtype='fp8' loads from a local folder; download it first.")
+        else:
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
+            if isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
+                _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
+        after_bnb_load(model)
         return model
 
     @classmethod
-    def _from_foreign_layout(cls, path, *model_args, config: MoeMtpConfig | None = None, **kwargs):
-        from ..conversion import load_state_dict_from_folder, read_config_dict
+    def _from_folder_lazily(cls, path, *model_args, config: MoeMtpConfig | None = None, keep_fp8=False, **kwargs):
+        from transformers import GenerationConfig
+
+        from ..conversion import read_config_dict
+        from ..conversion.lazy import lazy_state_dict
+        from ..quantization import BlockFp8Config, QuantizationSetupError, fp8_modules
 
         if not os.path.isdir(path):
             raise OSError(f"{path}: released DeepSeek checkpoints load from a local folder; download it first.")
         saved = read_config_dict(path)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if keep_fp8:
+            kwargs.pop("torch_dtype", None)
+            kwargs["dtype"] = dtype = "auto"  # what is not FP8 keeps the checkpoint's dtype
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
         dtype = dtype if isinstance(dtype, torch.dtype) else None  # "auto"/None: the checkpoint's own dtype
@@ -516,13 +565,29 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             config = MoeMtpConfig.from_dict({**saved, **config_kwargs})
         elif not isinstance(config, MoeMtpConfig):
             raise TypeError(f"config must be a MoeMtpConfig to load {path} into {cls.__name__}, got {type(config)}")
-        state_dict = load_state_dict_from_folder(path, MoeMtpConfig.from_dict(saved), dtype=dtype)
-        saved_depth, kept_depth = saved.get("num_nextn_predict_layers", 0), config.num_nextn_predict_layers
-        if saved_depth > kept_depth:
-            dropped = tuple(f"model.mtp_layers.{k}." for k in range(kept_depth, saved_depth))
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
-            _note_dropped_mtp(saved_depth, kept_depth)
-        return super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
+        state_dict = lazy_state_dict(path, MoeMtpConfig.from_dict(saved), dtype=dtype, keep_fp8=keep_fp8)
+        try:
+            saved_depth, kept_depth = saved.get("num_nextn_predict_layers", 0), config.num_nextn_predict_layers
+            if saved_depth > kept_depth:
+                dropped = tuple(f"model.mtp_layers.{k}." for k in range(kept_depth, saved_depth))
+                for key in [k for k in state_dict if k.startswith(dropped)]:
+                    del state_dict[key]
+                _note_dropped_mtp(saved_depth, kept_depth)
+            if keep_fp8:
+                if not state_dict.is_fp8:
+                    raise QuantizationSetupError(
+                        f"dtype='fp8' keeps a checkpoint's block-FP8 weights, but {path} has none; load it without "
+                        "dtype='fp8', or make an FP8 copy first: python -m moe_mtp.conversion SRC DST --to moe_mtp "
+                        "--dtype fp8 is not available, use --to deepseek --dtype fp8."
+                    )
+                fmt = state_dict.fp8_format
+                kwargs["quantization_config"] = BlockFp8Config(fmt.block, fmt.scale_fmt, fp8_modules(state_dict))
+            model = super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
+        finally:
+            state_dict.close()
+        if os.path.isfile(os.path.join(path, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return model
 
 
 FOREIGN_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
@@ -537,6 +602,11 @@ def _note_dropped_mtp(saved_depth: int, kept_depth: int):
 
 def _saved_config_value(path, key: str, kwargs: dict):
     """Reads one value from the checkpoint's own config.json (before any override)."""
+    return (_saved_config(path, kwargs) or {}).get(key)
+
+
+def _saved_config(path, kwargs: dict) -> dict | None:
+    """The checkpoint's own config.json as a dict, None if there is none."""
     import json
 
     from transformers.utils import cached_file
@@ -551,7 +621,7 @@ def _saved_config_value(path, key: str, kwargs: dict):
     if config_file is None:
         return None
     with open(config_file) as f:
-        return json.load(f).get(key)
+        return json.load(f)
 
 
 @dataclass
