@@ -147,10 +147,11 @@ def test_bitsandbytes_cast_warning_is_said_once(folder, caplog):
     assert len(casts) <= 1
 
 
-def test_qlora_trainer_step_changes_only_the_adapters(folder, tmp_path):
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_qlora_trainer_step_changes_only_the_adapters(folder, mode, tmp_path):
     peft = pytest.importorskip("peft")
     path, _ = folder
-    model = load(path, "nf4")
+    model = load(path, mode)
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = ["q_a_proj", "q_b_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
