@@ -20,7 +20,7 @@ import re
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import BitsAndBytesConfig
+from transformers import BitsAndBytesConfig, PretrainedConfig
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -68,7 +68,7 @@ def _on_cpu(device_map) -> bool:
     return any(str(v) == "cpu" or (isinstance(v, torch.device) and v.type == "cpu") for v in values)
 
 
-def check_bitsandbytes(bnb_config: BitsAndBytesConfig, config, device_map=None):
+def check_bitsandbytes(bnb_config: BitsAndBytesConfig, config=None, device_map=None):
     """Fail early, naming the fix, when bitsandbytes is missing, too old for a CPU load, or cannot apply the config
     to this model (an unknown 4-bit type, a non-float compute dtype, a skip entry that names no module)."""
     from packaging import version
@@ -98,7 +98,7 @@ def check_bitsandbytes(bnb_config: BitsAndBytesConfig, config, device_map=None):
                 "torch.float16 or torch.float32."
             )
     skip = bnb_config.llm_int8_skip_modules or []
-    if skip:
+    if skip and isinstance(config, PretrainedConfig):
         from .conversion.spec import canonical_shapes
 
         # transformers matches entries against each linear layer's full name (see should_convert_module)

@@ -514,13 +514,11 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         if bnb_config is not None:
             from ..quantization import check_bitsandbytes
 
-            config = kwargs.get("config")
-            if not isinstance(config, MoeMtpConfig):
+            config, saved = kwargs.get("config"), _saved_config(pretrained_model_name_or_path, kwargs)
+            if not isinstance(config, MoeMtpConfig) and saved is not None:
                 from ..conversion import moe_mtp_config_dict
 
-                config = MoeMtpConfig.from_dict(
-                    moe_mtp_config_dict(_saved_config(pretrained_model_name_or_path, kwargs))
-                )
+                config = MoeMtpConfig.from_dict(moe_mtp_config_dict(saved))
             check_bitsandbytes(bnb_config, config, kwargs.get("device_map"))
         model_type = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
         saved_quantization = _saved_config_value(pretrained_model_name_or_path, "quantization_config", kwargs) or {}
