@@ -10,6 +10,8 @@ checkpoint stays resident either.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import replace
 
 import torch
@@ -22,11 +24,40 @@ from .rules import MOE_MTP
 MOE_MTP_KEEP_FP8 = replace(MOE_MTP, fp8=r".+")
 
 
+# glibc keeps freed heap memory, and quantizing while loading frees a full-precision tensor after each parameter:
+# without handing that memory back, the resident set grows to a few times the quantized model (measured 3x for int8;
+# trimming every MiB read keeps the peak within a few percent of the final RSS).
+TRIM_EVERY_BYTES = 1 << 20
+
+
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+class _HeapTrimmer:
+    """Calls glibc's malloc_trim after every TRIM_EVERY_BYTES read, returning freed pages to the system."""
+
+    def __init__(self):
+        self.trim = _malloc_trim()
+        self.pending = 0
+
+    def add(self, nbytes: int):
+        self.pending += nbytes
+        if self.trim is not None and self.pending >= TRIM_EVERY_BYTES:
+            self.trim(0)
+            self.pending = 0
+
+
 class LazyTensor:
     """One planned tensor: dtype and shape without reading; `[...]` reads and converts it."""
 
-    def __init__(self, output: Output):
+    def __init__(self, output: Output, trimmer: _HeapTrimmer | None = None):
         self.output = output
+        self.trimmer = trimmer
 
     @property
     def dtype(self) -> torch.dtype:
@@ -40,6 +71,8 @@ class LazyTensor:
         return self.dtype.is_floating_point
 
     def __getitem__(self, index) -> torch.Tensor:
+        if self.trimmer is not None:  # before reading: the previous tensor's full-precision copy is freed by now
+            self.trimmer.add(self.output.entry.nbytes)
         chunks = list(self.output.produce())
         shape = self.output.entry.shape
         tensor = (
@@ -52,7 +85,8 @@ class LazyStateDict(dict):
     """moe_mtp names -> LazyTensor for a folder; `close()` releases its file descriptors."""
 
     def __init__(self, outputs, store, config, fp8_format, is_fp8: bool):
-        super().__init__((o.entry.key, LazyTensor(o)) for o in outputs)
+        trimmer = _HeapTrimmer()
+        super().__init__((o.entry.key, LazyTensor(o, trimmer)) for o in outputs)
         self.store = store
         self.config = config  # the effective MoeMtpConfig (no MTP modules when the folder holds none)
         self.fp8_format = fp8_format
