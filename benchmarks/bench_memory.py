@@ -140,9 +140,10 @@ def main():
     print("\nloaded from the released FP8 folder unless said otherwise; memory in MiB")
     print("RSS above the pre-load baseline (imports): peak while loading, and final (after malloc_trim)")
     print(
-        "| mode | footprint | vs fp32 | target | peak RSS | final RSS | peak / footprint | routed experts | forward |"
+        "| mode | footprint | vs fp32 | target | peak RSS | final RSS | peak / final | peak / footprint | routed experts "
+        "| forward |"
     )
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 10)
     for label, r in results.items():
         mode = label.split()[0]
         fp32 = results["fp32 (transformers DeepseekV3)" if "transformers" in label else "fp32"]["footprint"]
