@@ -62,7 +62,7 @@ def _bnb_version() -> str | None:
 
 
 def _on_cpu(device_map) -> bool:
-    if device_map is None:
+    if device_map is None or device_map == "auto":
         return not torch.cuda.is_available()
     values = device_map.values() if isinstance(device_map, dict) else [device_map]
     return any(str(v) == "cpu" or (isinstance(v, torch.device) and v.type == "cpu") for v in values)

@@ -575,8 +575,8 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
                 if not state_dict.is_fp8:
                     raise QuantizationSetupError(
                         f"dtype='fp8' keeps a checkpoint's block-FP8 weights, but {path} has none; load it without "
-                        "dtype='fp8', or make an FP8 copy first: python -m moe_mtp.conversion SRC DST --to moe_mtp "
-                        "--dtype fp8 is not available, use --to deepseek --dtype fp8."
+                        "dtype='fp8' (or with a bitsandbytes quantization_config), or make an FP8 copy first: "
+                        f"python -m moe_mtp.conversion {path} DST --to deepseek --dtype fp8"
                     )
                 fmt = state_dict.fp8_format
                 kwargs["quantization_config"] = BlockFp8Config(fmt.block, fmt.scale_fmt, fp8_modules(state_dict))
