@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -215,3 +216,25 @@ def test_skip_modules_follow_the_usual_convention(folder):
     model = MoeMtpForCausalLM.from_pretrained(folder[0], quantization_config=config)
     assert type(model.model.layers[1].mlp.shared_experts.up_proj) is torch.nn.Linear
     assert isinstance(model.model.layers[1].mlp.experts[0].up_proj, bnb.nn.Linear8bitLt)
+
+
+@pytest.mark.parametrize("layout", ["deepseek_fp8", "transformers"])
+def test_released_and_transformers_folders_quantize_while_loading(folder, layout, tmp_path):
+    """Every folder type goes through the lazy loader: the released FP8 layout (MTP at layer N+k) and transformers'
+    stacked experts alike end up with every routed expert quantized."""
+    from moe_mtp.conversion import convert
+
+    path, reference = folder
+    options = {"dst_format": "deepseek", "dtype": "fp8"} if layout == "deepseek_fp8" else {"dst_format": "transformers"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' layout drops the MTP module, with a warning
+        convert(path, tmp_path / layout, progress=False, **options)
+    model = load(tmp_path / layout, "int8")
+    experts = [e for block in [*model.model.layers, *model.model.mtp_layers] if hasattr(block.mlp, "experts")
+               for e in block.mlp.experts]  # fmt: skip
+    assert len(experts) == reference.config.n_routed_experts * (2 if layout == "transformers" else 3)
+    assert all(isinstance(p, bnb.nn.Linear8bitLt) for e in experts for p in (e.gate_proj, e.up_proj, e.down_proj))
+    ids = torch.randint(3, 128, (1, 10))
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(model(ids).logits.flatten(), reference(ids).logits.flatten(), 0)
+    assert cosine > 0.9
