@@ -112,6 +112,29 @@ def check_bitsandbytes(bnb_config: BitsAndBytesConfig, config=None, device_map=N
                 )
 
 
+def check_quantized_load(kwargs: dict, saved: dict | None) -> bool:
+    """Checks the quantization a `from_pretrained(**kwargs)` call asks for, against the checkpoint's config.json
+    (`saved`, None if unknown); returns whether `dtype="fp8"` asks to keep FP8 weights."""
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    keep_fp8 = isinstance(dtype, str) and dtype.lower() == "fp8"
+    if keep_fp8:
+        check_fp8_support()
+        if kwargs.get("quantization_config") is not None:
+            raise QuantizationSetupError(
+                "dtype='fp8' keeps the checkpoint's FP8 weights; do not pass a quantization_config too."
+            )
+    bnb_config = as_bnb_config(kwargs.get("quantization_config"))
+    if bnb_config is not None:
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig) and saved is not None:
+            from .configuration import MoeMtpConfig
+            from .conversion import moe_mtp_config_dict
+
+            config = MoeMtpConfig.from_dict(moe_mtp_config_dict(saved))
+        check_bitsandbytes(bnb_config, config, kwargs.get("device_map"))
+    return keep_fp8
+
+
 class _OncePerMessage(logging.Filter):
     """Lets each per-call bitsandbytes warning through the first time only."""
 

@@ -500,40 +500,15 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         Those folders, and any local folder loaded with a bitsandbytes `quantization_config` or `dtype="fp8"`, are
         read lazily, one tensor at a time, so quantizing while loading never holds the full-precision model.
         `dtype="fp8"` keeps a block-FP8 checkpoint's linear weights as FP8 (see docs/quantization.md)."""
-        from ..quantization import after_bnb_load, as_bnb_config, check_fp8_support
+        from ..quantization import after_bnb_load, check_quantized_load
 
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        keep_fp8 = isinstance(dtype, str) and dtype.lower() == "fp8"
-        bnb_config = as_bnb_config(kwargs.get("quantization_config"))
-        if keep_fp8:
-            check_fp8_support()
-            if kwargs.get("quantization_config") is not None:
-                raise ValueError(
-                    "dtype='fp8' keeps the checkpoint's FP8 weights; do not pass a quantization_config too."
-                )
-        if bnb_config is not None:
-            from ..quantization import check_bitsandbytes
-
-            config, saved = kwargs.get("config"), _saved_config(pretrained_model_name_or_path, kwargs)
-            if not isinstance(config, MoeMtpConfig) and saved is not None:
-                from ..conversion import moe_mtp_config_dict
-
-                config = MoeMtpConfig.from_dict(moe_mtp_config_dict(saved))
-            check_bitsandbytes(bnb_config, config, kwargs.get("device_map"))
-        model_type = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
-        saved_quantization = _saved_config_value(pretrained_model_name_or_path, "quantization_config", kwargs) or {}
-        saved_fp8 = saved_quantization.get("quant_method") == "fp8"
-        if model_type in FOREIGN_MODEL_TYPES or (
-            os.path.isdir(str(pretrained_model_name_or_path))
-            and (bnb_config is not None or keep_fp8 or saved_fp8)
-            and as_bnb_config(saved_quantization) is None
-        ):
+        saved = _saved_config(pretrained_model_name_or_path, kwargs)
+        keep_fp8 = check_quantized_load(kwargs, saved)
+        if _loads_lazily(pretrained_model_name_or_path, saved, kwargs, keep_fp8):
             model = cls._from_folder_lazily(pretrained_model_name_or_path, *model_args, keep_fp8=keep_fp8, **kwargs)
-        elif keep_fp8:
-            raise OSError(f"{pretrained_model_name_or_path}: dtype='fp8' loads from a local folder; download it first.")
         else:
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-            saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
+            saved_depth = (saved or {}).get("num_nextn_predict_layers")
             if isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
                 _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
         after_bnb_load(model)
@@ -591,16 +566,29 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
 FOREIGN_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 
 
+def _loads_lazily(path, saved: dict | None, kwargs: dict, keep_fp8: bool) -> bool:
+    """Released and transformers-saved folders, and local folders quantized while loading (bitsandbytes, native
+    FP8, or an FP8 folder to dequantize), go through the lazy reader; a saved bitsandbytes model does not."""
+    from ..quantization import as_bnb_config
+
+    saved = saved or {}
+    if saved.get("model_type") in FOREIGN_MODEL_TYPES:
+        return True
+    stored = saved.get("quantization_config") or {}
+    quantizing = keep_fp8 or stored.get("quant_method") == "fp8"
+    quantizing = quantizing or as_bnb_config(kwargs.get("quantization_config")) is not None
+    if quantizing and as_bnb_config(stored) is None and os.path.isdir(str(path)):
+        return True
+    if keep_fp8:
+        raise OSError(f"{path}: dtype='fp8' loads from a local folder; download it first.")
+    return False
+
+
 def _note_dropped_mtp(saved_depth: int, kept_depth: int):
     logger.warning(
         f"The checkpoint has {saved_depth} MTP module(s); modules {kept_depth}..{saved_depth - 1} were dropped "
         f"because num_nextn_predict_layers={kept_depth}."
     )
-
-
-def _saved_config_value(path, key: str, kwargs: dict):
-    """Reads one value from the checkpoint's own config.json (before any override)."""
-    return (_saved_config(path, kwargs) or {}).get(key)
 
 
 def _saved_config(path, kwargs: dict) -> dict | None:
