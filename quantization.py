@@ -218,6 +218,9 @@ def memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
 
 
 def after_bnb_load(model: nn.Module):
+    """What a bitsandbytes-quantized model needs once loaded; nothing for other models."""
+    if as_bnb_config(getattr(model.config, "quantization_config", None)) is None:
+        return
     say_bnb_warnings_once()
     keep_4bit_cpu_layout(model)
 
