@@ -1,8 +1,9 @@
 """Quantized loading of moe_mtp models: bitsandbytes 8-/4-bit checks and fixes, and block FP8 kept as FP8.
 
 bitsandbytes does the quantizing (through transformers' quantizers); this module adds what an MoE needs around it:
-clear errors before a long load fails, one warning instead of one per expert call, a CPU fix for 4-bit layers whose
-shape bitsandbytes' packed CPU kernel cannot take, and a memory footprint that counts the quantization state.
+clear errors before a long load fails, one warning instead of one per expert call, 4-bit layers kept on the portable
+CPU kernel (the packed one crashes on small experts and changes results after a save), and a memory footprint that
+counts the quantization state.
 
 Native FP8 (`from_pretrained(..., dtype="fp8")`) keeps a block-FP8 checkpoint's linear weights as
 `float8_e4m3fn` with their `weight_scale_inv` (one float32 scale per 128x128 block) in `Fp8BlockLinear` layers,
