@@ -738,31 +738,52 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             init.zeros_(module.e_score_correction_bias)
             init.zeros_(module.tokens_per_expert)
 
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the model, counting the quantization state bitsandbytes keeps outside the parameters and
+        each shared storage (a tied head) once."""
+        try:
+            quantization = _package_module("quantization")
+        except ImportError:  # running as remote code
+            return super().get_memory_footprint(return_buffers)
+        return quantization.memory_footprint(self, return_buffers)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Loads moe_mtp folders, and also released DeepSeek (`deepseek_v3`/`deepseek_v2`, FP8 or not) and
         transformers-saved folders directly: the config is translated, FP8 weights are dequantized and the MTP layer
-        (released at `model.layers.{num_hidden_layers + k}`) lands in `model.mtp_layers`. Those folders are read
-        whole into memory; for very large checkpoints convert them once with `python -m moe_mtp.conversion`.
+        (released at `model.layers.{num_hidden_layers + k}`) lands in `model.mtp_layers`.
+
+        Those folders, and any local folder loaded with a bitsandbytes `quantization_config` or `dtype="fp8"`, are
+        read lazily, one tensor at a time, so quantizing while loading never holds the full-precision model.
+        `dtype="fp8"` keeps a block-FP8 checkpoint's linear weights as FP8 (see docs/quantization.md).
 
         A local folder is checked before any model is built, as the converter checks it: config.json must exist,
         every tensor's name, shape and dtype must match it, FP8 scales must be valid. Missing weights are an error
         unless `allow_missing_weights=True` (they are then newly initialized); missing trailing MTP modules are
         initialized with a note (starting MTP training from a base model), a missing router bias starts at zero."""
+        try:
+            quantization = _package_module("quantization")
+        except ImportError:  # running as remote code, without moe_mtp: transformers' own loading
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         allow_missing = kwargs.pop("allow_missing_weights", False)
         family = _checked_local_family(pretrained_model_name_or_path, allow_missing, kwargs)
+        saved = _saved_config(pretrained_model_name_or_path, kwargs)
         if family is None:  # not a local folder: route by the config's model_type
-            family = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
-        if family in FOREIGN_MODEL_TYPES:
+            family = (saved or {}).get("model_type")
+        keep_fp8 = quantization.check_quantized_load(kwargs, saved)
+        if _loads_lazily(pretrained_model_name_or_path, family, saved, kwargs, keep_fp8):
             path = os.path.join(pretrained_model_name_or_path, kwargs.pop("subfolder", None) or "")
-            loaded = cls._from_foreign_layout(path, *model_args, allow_missing_weights=allow_missing, **kwargs)
+            loaded = cls._from_folder_lazily(
+                path, *model_args, keep_fp8=keep_fp8, allow_missing_weights=allow_missing, **kwargs
+            )
             model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info)
         else:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
             model = loaded[0] if kwargs.get("output_loading_info") else loaded
-            saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
+            saved_depth = (saved or {}).get("num_nextn_predict_layers")
             if isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
                 _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
+        quantization.after_bnb_load(model)
         model.pack_experts()  # loading gave every expert weight a tensor of its own
         return loaded
 
@@ -773,19 +794,25 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         return sum(module.pack() for module in self.modules() if isinstance(module, MoeMtpExperts))
 
     @classmethod
-    def _from_foreign_layout(
-        cls, path, *model_args, config: MoeMtpConfig | None = None, allow_missing_weights=False, **kwargs
+    def _from_folder_lazily(
+        cls,
+        path,
+        *model_args,
+        config: MoeMtpConfig | None = None,
+        keep_fp8=False,
+        allow_missing_weights=False,
+        **kwargs,
     ):
-        conversion = _package_module("conversion")
-        load_state_dict_from_folder, read_config_dict = (
-            conversion.load_state_dict_from_folder,
-            conversion.read_config_dict,
-        )
+        from transformers import GenerationConfig
 
+        conversion, quantization = _package_module("conversion"), _package_module("quantization")
         if not os.path.isdir(path):
             raise OSError(f"{path}: released DeepSeek checkpoints load from a local folder; download it first.")
-        saved = read_config_dict(path, mtp_from_weights=False)
+        saved = conversion.read_config_dict(path, mtp_from_weights=False)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if keep_fp8:
+            kwargs.pop("torch_dtype", None)
+            kwargs["dtype"] = dtype = "auto"  # what is not FP8 keeps the checkpoint's dtype
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
         dtype = dtype if isinstance(dtype, torch.dtype) else None  # "auto"/None: the checkpoint's own dtype
@@ -795,15 +822,34 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             config = MoeMtpConfig.from_dict({**saved, **config_kwargs})
         elif not isinstance(config, MoeMtpConfig):
             raise TypeError(f"config must be a MoeMtpConfig to load {path} into {cls.__name__}, got {type(config)}")
-        state_dict = load_state_dict_from_folder(
-            path, MoeMtpConfig.from_dict(saved), dtype=dtype, allow_missing=allow_missing_weights
+        state_dict = _package_module("conversion.lazy").lazy_state_dict(
+            path, MoeMtpConfig.from_dict(saved), dtype=dtype, keep_fp8=keep_fp8, allow_missing=allow_missing_weights
         )
-        saved_depth, kept_depth = saved.get("num_nextn_predict_layers", 0), config.num_nextn_predict_layers
-        if saved_depth > kept_depth:
-            dropped = tuple(f"model.mtp_layers.{k}." for k in range(kept_depth, saved_depth))
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
-            _note_dropped_mtp(saved_depth, kept_depth)
-        return super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
+        try:
+            saved_depth, kept_depth = saved.get("num_nextn_predict_layers", 0), config.num_nextn_predict_layers
+            if saved_depth > kept_depth:
+                dropped = tuple(f"model.mtp_layers.{k}." for k in range(kept_depth, saved_depth))
+                for key in [k for k in state_dict if k.startswith(dropped)]:
+                    del state_dict[key]
+                _note_dropped_mtp(saved_depth, kept_depth)
+            if keep_fp8:
+                if not state_dict.is_fp8:
+                    raise quantization.QuantizationSetupError(
+                        f"dtype='fp8' keeps a checkpoint's block-FP8 weights, but {path} has none; load it without "
+                        "dtype='fp8' (or with a bitsandbytes quantization_config), or make an FP8 copy first: "
+                        f"python -m moe_mtp.conversion {path} DST --to deepseek --dtype fp8"
+                    )
+                fmt = state_dict.fp8_format
+                kwargs["quantization_config"] = quantization.BlockFp8Config(
+                    fmt.block, fmt.scale_fmt, quantization.fp8_modules(state_dict)
+                )
+            loaded = super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
+        finally:
+            state_dict.close()
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded
+        if os.path.isfile(os.path.join(path, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return loaded
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
         """Writes a Hub-ready folder atomically (temporary folder, then rename): weights, config with `auto_map`,
@@ -855,6 +901,23 @@ def _checked_local_family(path, allow_missing: bool, kwargs: dict) -> str | None
     return family
 
 
+def _loads_lazily(path, family: str | None, saved: dict | None, kwargs: dict, keep_fp8: bool) -> bool:
+    """Released and transformers-saved folders, and local folders quantized while loading (bitsandbytes, native
+    FP8, or an FP8 folder to dequantize), go through the lazy reader; a saved bitsandbytes model does not."""
+    as_bnb_config = _package_module("quantization").as_bnb_config
+    saved = saved or {}
+    if family in FOREIGN_MODEL_TYPES:
+        return True
+    stored = saved.get("quantization_config") or {}
+    quantizing = keep_fp8 or stored.get("quant_method") == "fp8"
+    quantizing = quantizing or as_bnb_config(kwargs.get("quantization_config")) is not None
+    if quantizing and as_bnb_config(stored) is None and os.path.isdir(str(path)):
+        return True
+    if keep_fp8:
+        raise OSError(f"{path}: dtype='fp8' loads from a local folder; download it first.")
+    return False
+
+
 def _note_dropped_mtp(saved_depth: int, kept_depth: int):
     logger.warning(
         f"The checkpoint has {saved_depth} MTP module(s); modules {kept_depth}..{saved_depth - 1} were dropped "
@@ -862,9 +925,9 @@ def _note_dropped_mtp(saved_depth: int, kept_depth: int):
     )
 
 
-def _saved_config_value(path, key: str, kwargs: dict):
-    """Reads one value from the checkpoint's own config.json (before any override). Nothing to read for `None`
-    (weights given as `state_dict`); a local folder is read directly, so neither asks the Hub."""
+def _saved_config(path, kwargs: dict) -> dict | None:
+    """The checkpoint's own config.json as a dict (before any override), None if there is none. Nothing to read for
+    `None` (weights given as `state_dict`); a local folder is read directly, so neither asks the Hub."""
     import json
 
     from transformers.utils import cached_file
@@ -885,7 +948,7 @@ def _saved_config_value(path, key: str, kwargs: dict):
     if config_file is None:
         return None
     with open(config_file) as f:
-        return json.load(f).get(key)
+        return json.load(f)
 
 
 @dataclass
