@@ -181,18 +181,21 @@ class _SpeculativeDecoder:
 
     def process(self, logits, drafts: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
         """Applies the logits processors to logits (batch, n, vocab): position i sees each row's tokens plus the
-        first offset + i drafts, exactly the prefix plain generate would pass. Rows are processed one by one because
-        they hold different numbers of tokens."""
+        first offset + i drafts, exactly the prefix plain generate would pass. Rows hold different numbers of
+        tokens, so rows of equal length are processed together."""
         if len(self.logits_processor) == 0:
             return logits
         processed = logits.clone()
-        for b in range(logits.shape[0]):
-            length = int(self.lengths[b])
-            if drafts is not None:
-                self.ids[b, length : length + drafts.shape[1]] = drafts[b]
+        if drafts is not None:
+            columns = self.lengths[:, None] + torch.arange(drafts.shape[1])
+            self.ids.scatter_(1, columns.to(self.ids.device), drafts.to(self.ids.device))
+        for length in self.lengths.unique().tolist():
+            rows = (self.lengths == length).nonzero().squeeze(1).to(logits.device)
             for i in range(logits.shape[1]):
-                prefix = self.ids[b : b + 1, : length + offset + i]
-                processed[b : b + 1, i] = self.logits_processor(prefix, logits[b : b + 1, i])
+                prefix = self.ids[rows.to(self.ids.device), : length + offset + i]
+                processed[rows, i] = self.logits_processor(prefix, logits[rows, i])
+        if drafts is not None:  # the drafts were only lent to the processors: rows' tails stay padding
+            self.ids.scatter_(1, columns.to(self.ids.device), self.pad_token_id)
         return processed
 
     def choose(self, scores) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -340,22 +343,28 @@ class _SpeculativeDecoder:
             self.stats.accepted_per_position[i] += int((accepted > i).sum())
 
     def commit(self, new_tokens, accepted):
-        """Appends row b's first accepted[b] + 1 new tokens, one at a time through the stopping criteria, as plain
-        generate would; a finished row takes no more tokens (its tail stays padding)."""
-        for b in range(new_tokens.shape[0]):
-            if self.finished[b] and self.pad_finished:
-                continue
-            for i in range(int(accepted[b]) + 1):
-                length = int(self.lengths[b])
-                if length >= self.ids.shape[1]:
-                    break
-                self.ids[b, length] = new_tokens[b, i]
-                self.lengths[b] = length + 1
-                if not self.finished[b] and bool(self.stopping_criteria(self.ids[b : b + 1, : length + 1], None)[0]):
-                    self.finished[b] = True
-                    self.finish_length[b] = length + 1
-                if self.finished[b] and (self.pad_finished or self.lengths[b] >= self.finish_length.max()):
-                    break
+        """Appends row b's first accepted[b] + 1 new tokens, one position at a time through the stopping criteria,
+        as plain generate would; a finished row takes no more tokens (its tail stays padding). Rows of equal length
+        go through the criteria together."""
+        new_tokens = new_tokens.to(self.ids.device)
+        taking = ~self.finished if self.pad_finished else torch.ones_like(self.finished)
+        for i in range(int(accepted.max()) + 1):
+            taking &= (accepted >= i) & (self.lengths < self.ids.shape[1])
+            if not taking.any():
+                break
+            rows = taking.nonzero().squeeze(1)
+            self.ids[rows.to(self.ids.device), self.lengths[rows].to(self.ids.device)] = new_tokens[rows, i]
+            self.lengths[rows] += 1
+            for length in self.lengths[rows].unique().tolist():
+                group = rows[self.lengths[rows] == length]
+                group = group[~self.finished[group]]
+                if len(group) == 0:
+                    continue
+                stop = self.stopping_criteria(self.ids[group.to(self.ids.device), :length], None).cpu()
+                self.finished[group[stop]] = True
+                self.finish_length[group[stop]] = length
+            halted = self.finished & (self.lengths >= self.finish_length.max())
+            taking &= ~(self.finished if self.pad_finished else halted)
         self.stream()
 
     def stream(self, final: bool = False):
@@ -365,7 +374,7 @@ class _SpeculativeDecoder:
         final_length = int(self.sequences_length()) if final else None
         available = self.lengths.clone()
         available[self.finished & torch.tensor(self.pad_finished)] = self.ids.shape[1]
-        ready = final_length if final else int(available.min())
+        ready = final_length if final else min(int(available.min()), int(self.lengths.max()))
         while self.prompt_len + self.streamed < ready:
             self.streamer.put(self.ids[:, self.prompt_len + self.streamed].cpu())
             self.streamed += 1
