@@ -404,3 +404,17 @@ def test_mla_decode_kwarg_and_config_choose_the_path(monkeypatch):
     model(ids)
     model.generate(ids, max_new_tokens=2, eos_token_id=None)
     assert not calls
+
+
+def test_use_mtp_on_a_released_layout_folder(tmp_path):
+    """Released-layout loads go through `from_pretrained(None, state_dict=...)`: the name must still be the folder
+    (it was the string 'None', which transformers' MTP loader then tried to fetch from the hub)."""
+    from conversion_fixtures import tiny_config as released_tiny_config
+    from conversion_fixtures import write_released
+
+    folder, _ = write_released(tmp_path / "release", released_tiny_config(), fp8=False)
+    model = MoeMtpForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert model.config._name_or_path == model.name_or_path == str(folder)
+    ids = torch.tensor([[4, 8, 15, 16]])
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, use_mtp=True), expected)
