@@ -105,6 +105,8 @@ def mtp_speculative_decoding(
     num_drafts = model_kwargs.pop("num_mtp_draft_tokens", None) or config.num_mtp_draft_tokens or num_modules
     if not isinstance(num_drafts, int) or num_drafts < 1:
         raise ValueError(f"num_mtp_draft_tokens must be a positive integer, got {num_drafts!r}")
+    if model_kwargs.get("inputs_embeds") is not None or input_ids.shape[1] == 0:
+        raise ValueError("generate(use_mtp=True) needs the prompt as `input_ids` (the drafts embed token ids).")
     forward_kwargs = {"mla_decode": model_kwargs.pop("mla_decode", None)}
     cache = model_kwargs.pop("cache", None)
     if cache is None:

@@ -361,6 +361,9 @@ def test_errors_name_the_fix():
         model.generate(
             torch.tensor([[4, 5]]), max_new_tokens=3, use_mtp=True, output_scores=True, return_dict_in_generate=True
         )
+    with pytest.raises(ValueError, match="input_ids"):
+        embeds = model.get_input_embeddings()(torch.tensor([[4, 5]]))
+        model.generate(inputs_embeds=embeds, max_new_tokens=3, use_mtp=True)
     with pytest.raises(ValueError, match="mla_decode"):
         model.generate(torch.tensor([[4, 5]]), max_new_tokens=3, mla_decode="fast")
     with pytest.raises(ValueError, match="MoeMtpConfig.mla_decode"):
