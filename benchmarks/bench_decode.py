@@ -139,19 +139,25 @@ def heldout_prompts(tokenizer, length: int, batch_size: int) -> torch.Tensor:
     return torch.stack([heldout[s : s + length] for s in starts])
 
 
-def timed_generate(model, prompts, new_tokens, repeats, **kwargs):
-    """Median seconds of greedy generate with exactly `new_tokens` tokens; returns (seconds, last output)."""
-    times, out = [], None
+def generate_seconds(model, prompts, new_tokens, **kwargs):
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+    if prompts.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def decode_rate(model, prompts, new_tokens, repeats, **kwargs):
+    """Decode-only tokens/s: batch * (N - 1) / (time of N new tokens - time of 1), median over repeats, so the
+    prefill (identical work for every row of the table) does not dilute the decoding speed. Returns (rate, output
+    of the N-token run)."""
+    deltas, out = [], None
     for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
-                prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs
-            )
-        if prompts.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        first, _ = generate_seconds(model, prompts, 1, **kwargs)
+        total, out = generate_seconds(model, prompts, new_tokens, **kwargs)
+        deltas.append(max(total - first, 1e-9))
+    return prompts.shape[0] * (new_tokens - 1) / statistics.median(deltas), out
 
 
 def transformers_models(model_dir: Path, ours: MoeMtpForCausalLM, work: Path):
@@ -171,15 +177,15 @@ def transformers_models(model_dir: Path, ours: MoeMtpForCausalLM, work: Path):
 
 
 def run_transformers_mtp(release: Path, prompts, new_tokens, repeats, prompts_dtype):
-    """transformers' own `generate(use_mtp=True)`; returns (seconds, None) or (None, error text)."""
+    """transformers' own `generate(use_mtp=True)`; returns (decode tokens/s, None) or (nan, error text)."""
     from transformers import DeepseekV3ForCausalLM
 
     try:
         model = DeepseekV3ForCausalLM.from_pretrained(release, dtype=prompts_dtype).to(prompts.device).eval()
-        seconds, _ = timed_generate(model, prompts, new_tokens, repeats, use_mtp=True)
-        return seconds, None
+        rate, _ = decode_rate(model, prompts, new_tokens, repeats, use_mtp=True)
+        return rate, None
     except Exception as error:  # reported in the table, not hidden
-        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        return float("nan"), f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
 
 def bench_case(ours, theirs, release, prompts, new_tokens, repeats) -> dict:
@@ -187,25 +193,24 @@ def bench_case(ours, theirs, release, prompts, new_tokens, repeats) -> dict:
     batch_size, length = prompts.shape
     row = {"batch": batch_size, "prompt": length}
 
-    def report(label, seconds, note=""):
-        rate = batch_size * new_tokens / seconds if seconds else float("nan")
+    def report(label, rate, note=""):
         print(f"{batch_size:>5} {length:>6}  {label:<34}{rate:>9.1f}  {note}", flush=True)
         return rate
 
-    timed_generate(ours, prompts, 2, 1)  # warm-up
-    seconds, plain_out = timed_generate(ours, prompts, new_tokens, repeats, mla_decode="expanded")
-    row["expanded"] = report("ours plain (expanded MLA)", seconds)
-    seconds, plain_out = timed_generate(ours, prompts, new_tokens, repeats, mla_decode="absorbed")
-    row["absorbed"] = report("ours plain (absorbed MLA)", seconds)
-    seconds, mtp_out = timed_generate(ours, prompts, new_tokens, repeats, use_mtp=True)
+    generate_seconds(ours, prompts, 2)  # warm-up
+    rate, plain_out = decode_rate(ours, prompts, new_tokens, repeats, mla_decode="expanded")
+    row["expanded"] = report("ours plain (expanded MLA)", rate)
+    rate, plain_out = decode_rate(ours, prompts, new_tokens, repeats, mla_decode="absorbed")
+    row["absorbed"] = report("ours plain (absorbed MLA)", rate)
+    rate, mtp_out = decode_rate(ours, prompts, new_tokens, repeats, use_mtp=True)
     stats = ours.last_mtp_stats
     row["acceptance"], row["identical"] = stats.acceptance_rate, torch.equal(plain_out, mtp_out)
     note = f"acceptance {stats.acceptance_rate:.3f}, {stats.tokens_per_step:.2f} tok/step"
-    row["mtp"] = report("ours + MTP", seconds, f"{note}, identical to plain greedy: {row['identical']}")
-    seconds, _ = timed_generate(theirs, prompts, new_tokens, repeats)
-    row["transformers"] = report("transformers DeepseekV3 plain", seconds)
-    seconds, error = run_transformers_mtp(release, prompts, new_tokens, repeats, ours.dtype)
-    row["transformers_mtp"] = report("transformers DeepseekV3 use_mtp", seconds, error or "")
+    row["mtp"] = report("ours + MTP", rate, f"{note}, identical to plain greedy: {row['identical']}")
+    rate, _ = decode_rate(theirs, prompts, new_tokens, repeats)
+    row["transformers"] = report("transformers DeepseekV3 plain", rate)
+    rate, error = run_transformers_mtp(release, prompts, new_tokens, repeats, ours.dtype)
+    row["transformers_mtp"] = report("transformers DeepseekV3 use_mtp", rate, error or "")
     return row
 
 
@@ -252,7 +257,10 @@ def main():
     print(f"model: {model_dir} ({ours.config.num_hidden_layers} layers, hidden {ours.config.hidden_size}, "
           f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, vocab {ours.config.vocab_size})")  # fmt: skip
     print(f"training: {json.dumps(meta)}")
-    print(f"greedy, {new_tokens} new tokens, {args.threads} threads, {args.dtype} {args.device}, median of {repeats}\n")
+    print(
+        f"greedy, {new_tokens} new tokens, {args.threads} threads, {args.dtype} {args.device}, decode-only tokens/s "
+        f"(prefill subtracted), median of {repeats}\n"
+    )
 
     work = Path(tempfile.mkdtemp(prefix="bench_decode_"))
     results = []
