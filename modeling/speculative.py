@@ -45,6 +45,8 @@ class MtpDecodingStats:
     """Drafts proposed at position k = 0, 1, ... of a step."""
     accepted_per_position: list[int] = field(default_factory=list)
     """Drafts accepted at position k (a draft counts only if every earlier draft of its step was accepted too)."""
+    steps_rows: int = 0
+    """Row-steps counted (a step counts once per row still generating)."""
 
     @property
     def acceptance_rate(self) -> float:
@@ -60,9 +62,6 @@ class MtpDecodingStats:
     def tokens_per_step(self) -> float:
         """Tokens produced per verification forward (1 + accepted drafts, on average)."""
         return (self.accepted + self.steps_rows) / max(self.steps_rows, 1)
-
-    steps_rows: int = 0
-    """Row-steps counted (a step counts once per row still generating)."""
 
 
 @dataclass
