@@ -142,7 +142,7 @@ def heldout_prompts(tokenizer, length: int, batch_size: int) -> torch.Tensor:
 def generate_seconds(model, prompts, new_tokens, **kwargs):
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+        out = model.generate(prompts, max_new_tokens=new_tokens, do_sample=False, **kwargs)
     if prompts.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, out
@@ -182,6 +182,7 @@ def run_transformers_mtp(release: Path, prompts, new_tokens, repeats, prompts_dt
 
     try:
         model = DeepseekV3ForCausalLM.from_pretrained(release, dtype=prompts_dtype).to(prompts.device).eval()
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
         rate, _ = decode_rate(model, prompts, new_tokens, repeats, use_mtp=True)
         return rate, None
     except Exception as error:  # reported in the table, not hidden
@@ -197,6 +198,10 @@ def bench_case(ours, theirs, release, prompts, new_tokens, repeats) -> dict:
         print(f"{batch_size:>5} {length:>6}  {label:<34}{rate:>9.1f}  {note}", flush=True)
         return rate
 
+    # Exactly N tokens without a min-length logits processor (which would cost both sides a per-step call).
+    for model in (ours, theirs):
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
     generate_seconds(ours, prompts, 2)  # warm-up
     rate, plain_out = decode_rate(ours, prompts, new_tokens, repeats, mla_decode="expanded")
     row["expanded"] = report("ours plain (expanded MLA)", rate)
