@@ -15,6 +15,7 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 HIDDEN_ACTS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 # Every type of transformers' rope registry, as for its DeepseekV3 (`dynamic`/`longrope` also rescale at runtime).
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
+MLA_DECODE_MODES = ("auto", "absorbed", "expanded")
 
 
 class MoeMtpConfig(PretrainedConfig):
@@ -126,6 +127,13 @@ class MoeMtpConfig(PretrainedConfig):
     """Weight alpha of the sequence-wise balance loss; 0 disables it."""
     output_router_logits: bool = False
     """Whether the model returns the router logits of every MoE layer."""
+    mla_decode: str = "auto"
+    """How attention runs against the latent cache: `absorbed` (kv_b_proj folded into the query and output, attention
+    on the latent itself), `expanded` (the latent expanded into per-head keys and values), or `auto` (absorbed for
+    queries short enough that it costs fewer FLOPs). `forward` and `generate` also take it as a keyword argument."""
+    num_mtp_draft_tokens: int | None = None
+    """Tokens drafted per step by `generate(..., use_mtp=True)`; `None` drafts one per MTP module. More than
+    `num_nextn_predict_layers` reuses the last module for the extra drafts. `generate` also takes it as a keyword."""
 
     def __post_init__(self, **kwargs):
         if self.rope_parameters is None and "rope_scaling" not in kwargs:
@@ -204,6 +212,12 @@ class MoeMtpConfig(PretrainedConfig):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
                 fail(field, f"must be a non-negative number, got {value!r}")
+        if self.mla_decode not in MLA_DECODE_MODES:
+            fail("mla_decode", f"must be one of {MLA_DECODE_MODES}, got {self.mla_decode!r}")
+        if self.num_mtp_draft_tokens is not None and (
+            not isinstance(self.num_mtp_draft_tokens, int) or self.num_mtp_draft_tokens < 1
+        ):
+            fail("num_mtp_draft_tokens", f"must be a positive integer or None, got {self.num_mtp_draft_tokens!r}")
         check_rope_parameters(self)
 
 

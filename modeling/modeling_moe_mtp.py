@@ -31,6 +31,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration import MoeMtpConfig
 from ..configuration.configuration_moe_mtp import check_rope_parameters
+from .speculative import MTP_GENERATE_KWARGS
 
 logger = logging.get_logger(__name__)
 
@@ -209,7 +210,7 @@ class MoeMtpAttention(nn.Module):
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
 
-        if self._use_absorbed(q_len, latent.shape[2], kwargs):
+        if self._use_absorbed(q_len, latent.shape[2], kwargs.pop("mla_decode", None), kwargs):
             attn_output, attn_weights = self._absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask), None
         else:
             attn_output, attn_weights = self._expanded_attention(
@@ -218,14 +219,21 @@ class MoeMtpAttention(nn.Module):
         attn_output = attn_output.reshape(batch_size, q_len, self.num_heads * self.v_head_dim)
         return self.o_proj(attn_output), attn_weights
 
-    def _use_absorbed(self, q_len: int, kv_len: int, kwargs: dict) -> bool:
+    def _use_absorbed(self, q_len: int, kv_len: int, mla_decode: str | None, kwargs: dict) -> bool:
+        """`mla_decode` (kwarg, else config): "expanded", "absorbed" (whenever possible) or "auto" (when cheaper)."""
+        mode = mla_decode or self.config.mla_decode
+        if mode not in ("auto", "absorbed", "expanded"):
+            raise ValueError(f"mla_decode must be 'auto', 'absorbed' or 'expanded', got {mode!r}")
         # Absorption reads kv_b_proj's weight directly, so a quantized or adapted projection takes the expanded path.
-        return (
-            q_len < kv_len
-            and q_len <= self.max_absorbed_query_len
-            and type(self.kv_b_proj) is nn.Linear
-            and not kwargs.get("output_attentions", False)
-        )
+        possible = type(self.kv_b_proj) is nn.Linear and not kwargs.get("output_attentions", False)
+        if mode == "absorbed" and type(self.kv_b_proj) is not nn.Linear:
+            raise ValueError(
+                f"mla_decode='absorbed' needs a plain nn.Linear kv_b_proj, but layer {self.layer_idx} has "
+                f"{type(self.kv_b_proj).__name__} (quantized or adapted): use mla_decode='auto' or 'expanded'."
+            )
+        if mode != "auto":
+            return mode == "absorbed" and possible
+        return possible and q_len < kv_len and q_len <= self.max_absorbed_query_len
 
     def _expanded_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs):
         batch_size, _, kv_len, _ = latent.shape
@@ -701,10 +709,12 @@ class MoeMtpMTPLayer(MoeMtpBlock):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         token_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """`cache` holds this module's own latent cache (layer index `num_hidden_layers + k`), used when drafting."""
         hidden_states = self.eh_proj(torch.cat((self.enorm(inputs_embeds), self.hnorm(previous_hidden_states)), -1))
-        hidden_states = self.block(hidden_states, attention_mask, position_embeddings, None, token_mask, **kwargs)
+        hidden_states = self.block(hidden_states, attention_mask, position_embeddings, cache, token_mask, **kwargs)
         return self.shared_head.norm(hidden_states)
 
 
@@ -847,6 +857,8 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         finally:
             state_dict.close()
         model = loaded[0] if kwargs.get("output_loading_info") else loaded
+        # Loading from a state dict leaves the string 'None' here, which later lookups would take for a hub repo.
+        model.config._name_or_path = model.name_or_path = os.fspath(path)
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(path)
         return loaded
@@ -1154,7 +1166,8 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         if want_mtp and cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
                 "MTP logits are computed over whole sequences and do not use a cache: call the model without "
-                "`cache`/`past_key_values` (or with output_mtp_logits=False and no labels)."
+                "`cache`/`past_key_values` (or with output_mtp_logits=False and no labels). To decode faster with "
+                "the MTP modules, use `generate(..., use_mtp=True)`."
             )
         want_balance = has_targets and self.training and config.seq_aux_loss_alpha > 0
         if want_balance:
@@ -1212,6 +1225,45 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits,
         )
         return output
+
+    def _assisted_decoding(
+        self,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus=False,
+        streamer=None,
+        inputs_tensor=None,
+        assistant_model=None,
+        **model_kwargs,
+    ):
+        """`generate(..., use_mtp=True)` drafts with our own MTP modules (any depth, any batch size; see
+        `modeling/speculative.py`); other assisted generation goes to transformers."""
+        if generation_config.use_mtp and assistant_model is None:
+            from .speculative import mtp_speculative_decoding
+
+            model_kwargs = {k: v for k, v in model_kwargs.items() if k not in ("assistant_tokenizer", "tokenizer")}
+            return mtp_speculative_decoding(
+                self, input_ids, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
+            )
+        for key in MTP_GENERATE_KWARGS:
+            model_kwargs.pop(key, None)
+        return super()._assisted_decoding(
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            synced_gpus=synced_gpus,
+            streamer=streamer,
+            inputs_tensor=inputs_tensor,
+            assistant_model=assistant_model,
+            **model_kwargs,
+        )
+
+    def _validate_model_kwargs(self, model_kwargs: dict):
+        # `num_mtp_draft_tokens` and `mla_decode` are generate options that forward reads from **kwargs.
+        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in MTP_GENERATE_KWARGS})
 
     def mtp_losses(self, mtp_logits, shift_labels, attention_mask, loss_kwargs) -> list[torch.Tensor | None]:
         """Cross-entropy of each MTP depth k: slot i predicts shift_labels[i + k] (token i + k + 1). Slots whose

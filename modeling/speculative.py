@@ -1,0 +1,413 @@
+"""Self-speculative decoding with the MTP modules: `model.generate(..., use_mtp=True)`.
+
+Each step the MTP modules draft `num_mtp_draft_tokens` tokens, the main model verifies them (plus the pending token)
+in one forward, and every row keeps the longest verified prefix plus one token of the main model's own. Greedy
+decoding is therefore token-for-token plain greedy decoding; sampling uses the speculative rejection rule
+(Leviathan et al., 2023), so its output distribution is plain sampling's.
+
+Cache layout. The main latent cache and the MTP modules' own latent caches (layer index `num_hidden_layers + k`, in
+a separate `DynamicCache`) share one slot layout: every step appends `1 + drafts` slots to every row. The slots no
+row accepted are cropped off (the rollback); slots that only some rows rejected stay as masked holes, since rows
+accept different numbers of tokens. Rope is applied before caching, so holes never shift any position. With batch 1
+there are no holes at all.
+
+MTP slots. Slot j of every MTP cache embeds token t_(j+1): depth d at slot j combines the depth d-1 output of the
+previous real slot (the main model's hidden state for d = 1) with the embedding of t_(j+1), and predicts t_(j+2),
+exactly as in training (`MoeMtpModel.multi_token_prediction`). Those entries need only verified tokens, so they are
+computed once, right after verification ("catch-up"). Drafts beyond the first need entries that embed drafts; they
+are appended as speculative slots and cropped at the next step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+# Keyword arguments of `generate` consumed here rather than by the model's forward.
+MTP_GENERATE_KWARGS = ("num_mtp_draft_tokens", "mla_decode")
+
+
+@dataclass
+class MtpDecodingStats:
+    """Acceptance statistics of one `generate(..., use_mtp=True)` call (rows still generating at each step)."""
+
+    steps: int = 0
+    """Verification forwards of the main model (the prefill not included)."""
+    drafted: int = 0
+    """Draft tokens proposed."""
+    accepted: int = 0
+    """Draft tokens the main model accepted."""
+    drafted_per_position: list[int] = field(default_factory=list)
+    """Drafts proposed at position k = 0, 1, ... of a step."""
+    accepted_per_position: list[int] = field(default_factory=list)
+    """Drafts accepted at position k (a draft counts only if every earlier draft of its step was accepted too)."""
+    steps_rows: int = 0
+    """Row-steps counted (a step counts once per row still generating)."""
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted, over all positions."""
+        return self.accepted / max(self.drafted, 1)
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """Accepted / drafted at each position; position 0 is DeepSeek-V3's "second token" acceptance."""
+        return [a / max(d, 1) for a, d in zip(self.accepted_per_position, self.drafted_per_position, strict=True)]
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens produced per verification forward (1 + accepted drafts, on average)."""
+        return (self.accepted + self.steps_rows) / max(self.steps_rows, 1)
+
+
+@dataclass
+class MtpGenerateOutput(GenerateDecoderOnlyOutput):
+    r"""
+    mtp_stats (`MtpDecodingStats`):
+        Drafted and accepted token counts, in total and per draft position.
+    """
+
+    mtp_stats: MtpDecodingStats | None = None
+
+
+def mtp_speculative_decoding(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    streamer=None,
+    **model_kwargs,
+):
+    """Runs the decoding loop described in the module docstring; `generate` has prepared every argument."""
+    config = model.config
+    num_modules = len(model.model.mtp_layers)
+    if num_modules == 0:
+        raise ValueError(
+            "generate(use_mtp=True) drafts with the MTP modules, but this model has num_nextn_predict_layers=0. "
+            "Load or build it with num_nextn_predict_layers >= 1, or call generate without use_mtp."
+        )
+    unsupported = [
+        name
+        for name in ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
+        if getattr(generation_config, name, False)
+    ]
+    if unsupported:
+        raise ValueError(
+            f"generate(use_mtp=True) does not return {', '.join(unsupported)}: rows advance by different numbers of "
+            "tokens per step. Drop these flags, or generate without use_mtp."
+        )
+    num_drafts = model_kwargs.pop("num_mtp_draft_tokens", None) or config.num_mtp_draft_tokens or num_modules
+    if not isinstance(num_drafts, int) or num_drafts < 1:
+        raise ValueError(f"num_mtp_draft_tokens must be a positive integer, got {num_drafts!r}")
+    if model_kwargs.get("inputs_embeds") is not None or input_ids.shape[1] == 0:
+        raise ValueError("generate(use_mtp=True) needs the prompt as `input_ids` (the drafts embed token ids).")
+    forward_kwargs = {"mla_decode": model_kwargs.pop("mla_decode", None)}
+    cache = model_kwargs.pop("cache", None)
+    if cache is None:
+        cache = DynamicCache(config=config)
+    if cache.get_seq_length() > 0:
+        raise ValueError("generate(use_mtp=True) starts from an empty cache; pass the whole prompt without `cache`.")
+    attention_mask = model_kwargs.pop("attention_mask", None)
+    for handled in ("position_ids", "use_cache", "logits_to_keep", "inputs_tensor"):
+        model_kwargs.pop(handled, None)
+    forward_kwargs.update({k: v for k, v in model_kwargs.items() if v is not None})
+
+    decoder = _SpeculativeDecoder(
+        model, cache, num_drafts, logits_processor, stopping_criteria, generation_config, streamer, forward_kwargs
+    )
+    sequences = decoder.run(input_ids, attention_mask)
+    model.last_mtp_stats = decoder.stats
+    if generation_config.return_dict_in_generate:
+        return MtpGenerateOutput(sequences=sequences, cache=cache, mtp_stats=decoder.stats)
+    return sequences
+
+
+class _SpeculativeDecoder:
+    """State of one batched speculative decoding call. Row b's tokens live in `self.ids[b, : self.lengths[b]]`."""
+
+    def __init__(
+        self, model, cache, num_drafts, logits_processor, stopping_criteria, generation_config, streamer, forward_kwargs
+    ):
+        self.model, self.cache, self.num_drafts = model, cache, num_drafts
+        self.logits_processor, self.stopping_criteria = logits_processor, stopping_criteria
+        self.do_sample = generation_config.do_sample
+        self.max_length = generation_config.max_length
+        self.streamer, self.forward_kwargs = streamer, forward_kwargs
+        pad = generation_config._pad_token_tensor
+        self.pad_token_id = int(pad) if pad is not None else 0
+        # As in plain generate: with an eos criterion, finished rows are padded; without, they keep generating.
+        self.pad_finished = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+        self.num_layers = model.config.num_hidden_layers
+        # Drafting uses min(modules, drafts) modules; extra drafts reuse the last one.
+        self.num_modules = min(len(model.model.mtp_layers), num_drafts)
+        self.mtp_cache = DynamicCache()
+        self.stats = MtpDecodingStats(drafted_per_position=[0] * num_drafts, accepted_per_position=[0] * num_drafts)
+
+    # --- model calls -------------------------------------------------------------------------------------------
+
+    def main_forward(self, tokens, positions) -> torch.Tensor:
+        mask = None if bool(self.mask.all()) else self.mask
+        outputs = self.model.model(
+            input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True,
+            **self.forward_kwargs,
+        )  # fmt: skip
+        return outputs.last_hidden_state
+
+    def mtp_forward(self, module: int, hidden, tokens, positions, mask) -> torch.Tensor:
+        """Runs MTP module `module` on new slots at the end of its cache; `mask` (batch, all slots) marks real ones."""
+        inner = self.model.model
+        embeds = inner.embed_tokens(tokens)
+        q_len, kv_len = tokens.shape[1], mask.shape[1]
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
+        allowed = causal & mask[:, None, None, :].bool()
+        # Every query also sees itself, so a query in a masked slot (whose output is never used) stays finite.
+        queries = torch.arange(q_len, device=mask.device)
+        allowed[:, :, queries, kv_len - q_len + queries] = True
+        return inner.mtp_layers[module](
+            hidden,
+            embeds,
+            attention_mask=allowed,
+            position_embeddings=inner.rotary_emb(embeds, positions),
+            cache=self.mtp_cache,
+            mla_decode=self.forward_kwargs.get("mla_decode"),
+        )
+
+    def logits(self, hidden) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    def process(self, logits, drafts: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+        """Applies the logits processors to logits (batch, n, vocab): position i sees each row's tokens plus the
+        first offset + i drafts, exactly the prefix plain generate would pass. Rows hold different numbers of
+        tokens, so rows of equal length are processed together."""
+        if len(self.logits_processor) == 0:
+            return logits
+        processed = logits.clone()
+        if drafts is not None:
+            columns = self.lengths[:, None] + torch.arange(drafts.shape[1])
+            self.ids.scatter_(1, columns.to(self.ids.device), drafts.to(self.ids.device))
+        for length in self.lengths.unique().tolist():
+            rows = (self.lengths == length).nonzero().squeeze(1).to(logits.device)
+            for i in range(logits.shape[1]):
+                prefix = self.ids[rows.to(self.ids.device), : length + offset + i]
+                processed[rows, i] = self.logits_processor(prefix, logits[rows, i])
+        if drafts is not None:  # the drafts were only lent to the processors: rows' tails stay padding
+            self.ids.scatter_(1, columns.to(self.ids.device), self.pad_token_id)
+        return processed
+
+    def choose(self, scores) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next tokens from processed scores (batch, vocab), and their distribution when sampling."""
+        if not self.do_sample:
+            return scores.argmax(dim=-1), None
+        probs = F.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1), probs
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    def run(self, input_ids, attention_mask) -> torch.LongTensor:
+        batch_size, prompt_len = input_ids.shape
+        device = input_ids.device
+        self.prompt_len = prompt_len
+        capacity = max(self.max_length, prompt_len + 1) + self.num_drafts + 1
+        self.ids = torch.full((batch_size, capacity), self.pad_token_id, dtype=torch.long, device=device)
+        self.ids[:, :prompt_len] = input_ids
+        self.lengths = torch.full((batch_size,), prompt_len, dtype=torch.long)
+        self.finished = torch.zeros(batch_size, dtype=torch.bool)
+        self.finish_length = torch.zeros(batch_size, dtype=torch.long)
+        self.streamed = 0
+
+        # Prefill: the prompt into the main cache, then the MTP caches up to its last token.
+        self.mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long().clone()
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.main_forward(input_ids, positions)
+        first, _ = self.choose(self.process(self.logits(hidden[:, -1:]))[:, 0])
+        self.commit(first[:, None], torch.zeros(batch_size, dtype=torch.long))
+        self.pending, self.next_position = first, positions[:, -1] + 1
+        self.mtp_masks = [torch.zeros(batch_size, 0, dtype=torch.long, device=device)] * self.num_modules
+        self.mtp_last: list[torch.Tensor | None] = [None] * self.num_modules
+        last_slot = torch.full((batch_size,), prompt_len - 1, dtype=torch.long, device=device)
+        next_tokens = torch.cat((input_ids[:, 1:], first[:, None]), dim=1)
+        self.catch_up(hidden, next_tokens, positions, self.mask.bool(), last_slot)
+
+        while not self.done():
+            drafts, draft_probs = self.draft()
+            self.verify(drafts, draft_probs)
+        self.stream(final=True)
+        return self.sequences()
+
+    def done(self) -> bool:
+        if self.pad_finished:
+            return bool(self.finished.all())
+        # Without an eos criterion plain generate stops for everyone at once, when the last row is finished.
+        return bool(self.finished.all() and (self.lengths >= self.finish_length.max()).all())
+
+    def catch_up(self, hidden, next_tokens, positions, valid, last_slot):
+        """Appends the MTP entries of newly verified slots: slot j at depth d embeds t_(j+1) (`next_tokens`) and
+        sees depth d-1's output at the previous real slot; it is real only if its hidden position (j - d + 1) is."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        embed_positions = positions + 1
+        carry = self.mtp_last
+        for module in range(self.num_modules):
+            if module > 0:
+                previous = carry[module - 1] if carry[module - 1] is not None else torch.zeros_like(hidden[:, 0])
+                hidden = torch.cat((previous[:, None], hidden[:, :-1]), dim=1)
+            slot_mask = (valid & (positions >= module)).long()
+            self.mtp_masks[module] = torch.cat((self.mtp_masks[module], slot_mask), dim=1)
+            hidden = self.mtp_forward(module, hidden, next_tokens, embed_positions, self.mtp_masks[module])
+            self.mtp_last = [*self.mtp_last[:module], hidden[rows, last_slot], *self.mtp_last[module + 1 :]]
+
+    def draft(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts `num_drafts` tokens per row. Draft 1 comes from depth 1's latest verified slot; draft i > 1 runs
+        module i (or the last module, reused) on speculative slots that embed the earlier drafts."""
+        batch_size = self.pending.shape[0]
+        last_module = self.num_modules - 1
+        self.speculative_slots = [0] * self.num_modules
+        speculative_out: list[list[torch.Tensor]] = [[] for _ in range(self.num_modules)]
+        hidden = self.mtp_last[0]
+        drafts, probs = [], []
+        for i in range(self.num_drafts):
+            if i > 0:
+                module = min(i, last_module)
+                if i <= last_module:  # module i's own slots for drafts 1..i
+                    count = i
+                    inputs = torch.stack([self.mtp_last[module - 1], *speculative_out[module - 1][: i - 1]], dim=1)
+                    tokens = torch.stack(drafts, dim=1)
+                else:  # reuse: one more slot, fed with the module's own last output
+                    count = 1
+                    own = speculative_out[module][-1] if speculative_out[module] else self.mtp_last[module]
+                    inputs, tokens = own[:, None], drafts[-1][:, None]
+                first = i - count + 1
+                positions = self.next_position[:, None] + torch.arange(first, i + 1, device=tokens.device)
+                mask = torch.cat((self.mtp_masks[module], tokens.new_ones(batch_size, count)), dim=1)
+                self.mtp_masks[module] = mask
+                out = self.mtp_forward(module, inputs, tokens, positions, mask)
+                speculative_out[module].extend(out.unbind(1))
+                self.speculative_slots[module] += count
+                hidden = out[:, -1]
+            earlier = torch.stack(drafts, dim=1) if drafts else None
+            token, prob = self.choose(self.process(self.logits(hidden[:, None]), earlier, offset=i)[:, 0])
+            drafts.append(token)
+            probs.append(prob)
+        return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1) if self.do_sample else None)
+
+    def verify(self, drafts, draft_probs):
+        batch_size, num_drafts = drafts.shape
+        device = drafts.device
+        # Roll the MTP caches back to their verified slots.
+        for module, count in enumerate(self.speculative_slots):
+            if count:
+                self.mtp_cache.layers[self.num_layers + module].crop(-count)
+                self.mtp_masks[module] = self.mtp_masks[module][:, :-count]
+
+        steps = torch.arange(num_drafts + 1, device=device)
+        tokens = torch.cat((self.pending[:, None], drafts), dim=1)
+        positions = self.next_position[:, None] + steps
+        self.mask = torch.cat((self.mask, self.mask.new_ones(batch_size, num_drafts + 1)), dim=1)
+        hidden = self.main_forward(tokens, positions)
+        scores = self.process(self.logits(hidden), drafts)
+
+        if not self.do_sample:
+            target = scores.argmax(dim=-1)
+            accepted = (drafts == target[:, :-1]).long().cumprod(dim=1).sum(dim=1)
+            new_tokens = target  # equals the drafts up to the first mismatch
+        else:
+            accepted, new_tokens = speculative_sampling(drafts, draft_probs, F.softmax(scores, dim=-1))
+
+        active = ~self.finished.to(device) | ~torch.tensor(self.pad_finished, device=device)
+        self.record(accepted[active], num_drafts)
+        self.commit(new_tokens, accepted.cpu())
+
+        # Rollback: crop the slots no row accepted; the others' rejected slots become holes.
+        keep = int(accepted[active].max()) + 1 if bool(active.any()) else 1
+        accepted = accepted.clamp(max=keep - 1)  # finished rows' slots are all holes from here on
+        if keep < num_drafts + 1:
+            self.cache.crop(-(num_drafts + 1 - keep))
+        valid = steps[:keep] <= accepted[:, None]
+        self.mask = self.mask[:, : self.mask.shape[1] - (num_drafts + 1 - keep)]
+        self.mask[:, -keep:] = valid.long()
+        self.catch_up(hidden[:, :keep], new_tokens[:, :keep], positions[:, :keep], valid, accepted)
+        rows = torch.arange(batch_size, device=device)
+        self.pending = new_tokens[rows, accepted]
+        self.next_position = self.next_position + accepted + 1
+
+    def record(self, accepted, num_drafts):
+        self.stats.steps += 1
+        self.stats.steps_rows += accepted.numel()
+        self.stats.drafted += accepted.numel() * num_drafts
+        self.stats.accepted += int(accepted.sum())
+        for i in range(num_drafts):
+            self.stats.drafted_per_position[i] += accepted.numel()
+            self.stats.accepted_per_position[i] += int((accepted > i).sum())
+
+    def commit(self, new_tokens, accepted):
+        """Appends row b's first accepted[b] + 1 new tokens, one position at a time through the stopping criteria,
+        as plain generate would; a finished row takes no more tokens (its tail stays padding). Rows of equal length
+        go through the criteria together."""
+        new_tokens = new_tokens.to(self.ids.device)
+        taking = ~self.finished if self.pad_finished else torch.ones_like(self.finished)
+        for i in range(int(accepted.max()) + 1):
+            taking &= (accepted >= i) & (self.lengths < self.ids.shape[1])
+            if not taking.any():
+                break
+            rows = taking.nonzero().squeeze(1)
+            self.ids[rows.to(self.ids.device), self.lengths[rows].to(self.ids.device)] = new_tokens[rows, i]
+            self.lengths[rows] += 1
+            for length in self.lengths[rows].unique().tolist():
+                group = rows[self.lengths[rows] == length]
+                group = group[~self.finished[group]]
+                if len(group) == 0:
+                    continue
+                stop = self.stopping_criteria(self.ids[group.to(self.ids.device), :length], None).cpu()
+                self.finished[group[stop]] = True
+                self.finish_length[group[stop]] = length
+            halted = self.finished & (self.lengths >= self.finish_length.max())
+            taking &= ~(self.finished if self.pad_finished else halted)
+        self.stream()
+
+    def stream(self, final: bool = False):
+        """Streams generated columns once every row has them, one `put` per column, as plain generate does."""
+        if self.streamer is None:
+            return
+        final_length = int(self.sequences_length()) if final else None
+        available = self.lengths.clone()
+        available[self.finished & torch.tensor(self.pad_finished)] = self.ids.shape[1]
+        ready = final_length if final else min(int(available.min()), int(self.lengths.max()))
+        while self.prompt_len + self.streamed < ready:
+            self.streamer.put(self.ids[:, self.prompt_len + self.streamed].cpu())
+            self.streamed += 1
+        if final:
+            self.streamer.end()
+
+    def sequences_length(self) -> int:
+        if self.pad_finished:
+            return int(self.lengths.max())
+        return int(self.finish_length.max())
+
+    def sequences(self) -> torch.LongTensor:
+        return self.ids[:, : self.sequences_length()]
+
+
+def speculative_sampling(drafts, draft_probs, target_probs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative rejection rule. Draft i is accepted with probability min(1, p_i(d) / q_i(d)); at the first
+    rejection the token is resampled from normalize(max(p_i - q_i, 0)), and when every draft is accepted one more
+    token comes from p. Returns the accepted counts (batch,) and the new tokens (batch, drafts + 1), of which the
+    first accepted + 1 are valid."""
+    num_drafts = drafts.shape[1]
+    p = target_probs[:, :num_drafts].gather(-1, drafts[..., None]).squeeze(-1)
+    q = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
+    accept = torch.rand_like(p) * q < p  # u < p / q without dividing by a zero q
+    accepted = accept.long().cumprod(dim=1).sum(dim=1)
+    rows = torch.arange(drafts.shape[0], device=drafts.device)
+    # Distribution of the token after the accepted drafts: the residual at a rejection, p itself after all drafts.
+    padded_q = F.pad(draft_probs, (0, 0, 0, 1))  # q = 0 at the extra position makes the residual p itself
+    residual = (target_probs[rows, accepted] - padded_q[rows, accepted]).clamp(min=0)
+    total = residual.sum(-1, keepdim=True)
+    residual = torch.where(total > 0, residual / total.clamp(min=1e-30), target_probs[rows, accepted])
+    final = torch.multinomial(residual, num_samples=1).squeeze(1)
+    new_tokens = torch.cat((drafts, drafts[:, :1]), dim=1)
+    new_tokens[rows, accepted] = final
+    return accepted, new_tokens
