@@ -782,7 +782,10 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             family = (saved or {}).get("model_type")
         keep_fp8 = quantization.check_quantized_load(kwargs, saved)
         if _loads_lazily(pretrained_model_name_or_path, family, saved, kwargs, keep_fp8):
-            path = os.path.join(pretrained_model_name_or_path, kwargs.pop("subfolder", None) or "")
+            subfolder = kwargs.pop("subfolder", None)
+            path = (
+                os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+            )
             loaded = cls._from_folder_lazily(
                 path, *model_args, keep_fp8=keep_fp8, allow_missing_weights=allow_missing, **kwargs
             )
