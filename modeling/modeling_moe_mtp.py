@@ -29,6 +29,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .. import balancing
 from ..configuration import MoeMtpConfig
 
 logger = logging.get_logger(__name__)
@@ -294,8 +295,9 @@ class MoeMtpTopkRouter(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
-        # Tokens routed to each expert by training-mode forwards since the balancing bias was last updated.
-        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+        # Tokens routed to each expert by training-mode forwards since the balancing bias was last updated (see
+        # balancing.py). An integer buffer, so `model.to(bfloat16)` cannot round the counts.
+        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
@@ -475,6 +477,13 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
     # Extra MTP modules in a checkpoint are dropped with a note (see `from_pretrained`), not reported as errors.
     _keys_to_ignore_on_load_unexpected = [r"^model\.mtp_layers\."]
 
+    def update_balancing_bias(self, gamma: float | None = None) -> dict[str, float]:
+        """Moves each MoE layer's balancing bias by `gamma * sign(mean_load - load)` (gamma defaults to
+        `config.bias_update_speed`) from the tokens routed since the last update, summed over data-parallel ranks,
+        and resets the counts. Returns each layer's MaxVio. Training loops need not call it: an optimizer-step hook
+        does it once per optimizer step; calling it yourself hands the update over to you (see balancing.py)."""
+        return balancing.update_balancing_bias(self, gamma)
+
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
         if isinstance(module, MoeMtpTopkRouter):
@@ -576,6 +585,11 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
         self.rotary_emb = MoeMtpRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
+        balancing.track(self)  # the balancing bias then moves after each optimizer step over these weights
+
+    def train(self, mode: bool = True):
+        balancing.track(self)  # also covers copies made without __init__ (deepcopy)
+        return super().train(mode)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
