@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _tracked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _tracking_generation = 0  # bumped when a model is first tracked, so cached optimizer lookups are redone
@@ -138,7 +138,9 @@ def update_balancing_bias(model: nn.Module, gamma: float | None = None, *, manua
     max_vio = (load.amax(dim=-1) / mean.squeeze(-1).clamp(min=1e-12) - 1).float().cpu()
     state.updates += 1
     state.last_load = load.float().cpu()
-    state.load_since_read = state.last_load if state.load_since_read is None else state.load_since_read + state.last_load
+    state.load_since_read = (
+        state.last_load if state.load_since_read is None else state.load_since_read + state.last_load
+    )
     state.max_vio_since_read.append(max_vio)
     return {name: float(value) for (name, _), value in zip(routers, max_vio, strict=True)}
 
