@@ -36,7 +36,9 @@ def test_bias_moves_exactly_once_per_optimizer_step_under_accumulation_4():
         before = biases(model)
         for micro in range(4):
             model(tokens(10 * step + micro), labels=tokens(10 * step + micro)).loss.backward()
-            assert all(torch.equal(b, r.e_score_correction_bias) for b, r in zip(before, routers)), "moved mid-step"
+            assert all(torch.equal(b, r.e_score_correction_bias) for b, r in zip(before, routers, strict=True)), (
+                "moved mid-step"
+            )
         expected_load = torch.stack([r.tokens_per_expert for r in routers])  # the four micro-batches together
         assert expected_load.sum(dim=-1).tolist() == [4 * 2 * 12 * 2] * 2 + [4 * 2 * 11 * 2]
         optimizer.step()
@@ -107,7 +109,7 @@ def test_gamma_zero_freezes_and_the_bias_is_saved_and_never_trained(tmp_path):
         model(tokens(step), labels=tokens(step)).loss.backward()
         optimizer.step()
     assert balancing_state(model.model).updates == 2
-    assert all(torch.equal(b, r.e_score_correction_bias) for b, r in zip(before, model.moe_routers()))
+    assert all(torch.equal(b, r.e_score_correction_bias) for b, r in zip(before, model.moe_routers(), strict=True))
     assert not any(name.endswith("e_score_correction_bias") for name, _ in model.named_parameters())
 
     model.config.bias_update_speed = 1e-2  # schedulable: the config value is read at every update

@@ -119,4 +119,4 @@ def test_trainer_lora_on_experts_logs_the_loss_parts_and_moves_the_bias(tmp_path
         total = entry["main_loss"] + entry["mtp_loss_weight"] * entry["mtp_loss_1"] + entry["balance_loss"]
         assert entry["loss"] == pytest.approx(total, rel=1e-3)
     assert balancing_state(model.model).updates == 10
-    assert any(not torch.equal(b, r.e_score_correction_bias) for b, r in zip(before, model.moe_routers()))
+    assert any(not torch.equal(b, r.e_score_correction_bias) for b, r in zip(before, model.moe_routers(), strict=True))
