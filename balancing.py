@@ -121,7 +121,7 @@ def update_balancing_bias(model: nn.Module, gamma: float | None = None, *, manua
         return {}
     if gamma is None:
         gamma = owner.config.bias_update_speed
-    device = routers[0][1].tokens_per_expert.device
+    device = routers[0][1].e_score_correction_bias.device  # where the collective backend wants it (NCCL: CUDA)
     load = torch.stack([router.tokens_per_expert.to(device=device, dtype=torch.float64) for _, router in routers])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(load)

@@ -296,8 +296,9 @@ class MoeMtpTopkRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         # Tokens routed to each expert by training-mode forwards since the balancing bias was last updated (see
-        # balancing.py). An integer buffer, so `model.to(bfloat16)` cannot round the counts.
-        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
+        # balancing.py). Integers, so `model.to(bfloat16)` cannot round them; a plain tensor rather than a buffer, so
+        # DDP's buffer broadcast cannot overwrite one rank's counts with another's. It follows the router's device.
+        self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long)
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
@@ -316,7 +317,11 @@ class MoeMtpTopkRouter(nn.Module):
         # Skip the recomputation that gradient checkpointing runs inside backward, which would count twice.
         if self.training and torch._C._current_graph_task_id() == -1:
             counted = topk_indices if token_mask is None else topk_indices[token_mask.reshape(-1).bool()]
-            self.tokens_per_expert += torch.bincount(counted.flatten(), minlength=self.num_experts)
+            counts = torch.bincount(counted.flatten(), minlength=self.num_experts)
+            if self.tokens_per_expert.device != counts.device:
+                held = self.tokens_per_expert
+                self.tokens_per_expert = torch.zeros_like(counts) if held.is_meta else held.to(counts.device)
+            self.tokens_per_expert += counts
         return router_logits, topk_weights, topk_indices
 
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
@@ -489,7 +494,7 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         if isinstance(module, MoeMtpTopkRouter):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             init.zeros_(module.e_score_correction_bias)
-            init.zeros_(module.tokens_per_expert)
+            module.tokens_per_expert = torch.zeros(module.num_experts, dtype=torch.long)
         elif isinstance(module, MoeMtpRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(self.config)[0])
 
