@@ -50,7 +50,6 @@ SMOKE = dict(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moe_mtp.train", description=__doc__.split("\n\n")[0])
-    add = p.add_argument
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", default="outputs/train", help="Folder for checkpoints, model, metrics and plots.")
     run.add_argument(
