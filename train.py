@@ -131,8 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0 < args.eval_fraction < 1:
         parser.error(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}")
-    args.mtp_schedule = StepSchedule.parse(args.mtp_loss_weight, "--mtp-loss-weight")
-    args.bias_schedule = StepSchedule.parse(args.bias_update_speed, "--bias-update-speed")
+    try:
+        args.mtp_schedule = StepSchedule.parse(args.mtp_loss_weight, "--mtp-loss-weight")
+        args.bias_schedule = StepSchedule.parse(args.bias_update_speed, "--bias-update-speed")
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -289,6 +292,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, histo
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))  # model, optimizer and every process's RNG states
+    accelerator.wait_for_everyone()  # all of them written before the rename
     if accelerator.is_main_process:
         write_json(partial / "trainer_state.json", state)
         write_history(partial, history)
@@ -408,12 +412,15 @@ def mixed_precision(choice: str) -> str:
 
 def train(args) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
     from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
     # cpu=True where there is no GPU: accelerate only takes a multi-process CPU launch (gloo) as distributed then.
+    # find_unused_parameters: an expert that no token of a micro-batch picked gets no gradient on that rank.
     accelerator = Accelerator(
-        mixed_precision=mixed_precision(args.mixed_precision), cpu=args.cpu or not torch.cuda.is_available()
+        mixed_precision=mixed_precision(args.mixed_precision),
+        cpu=args.cpu or not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     resume_from = prepare_output_dir(args, accelerator)
     output_dir = Path(args.output_dir)
