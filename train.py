@@ -524,8 +524,8 @@ def train(args) -> dict:
             window_start, window_steps = time.perf_counter(), 0
         if (args.eval_every and done % args.eval_every == 0) or done == args.max_steps:
             history["records"].append({"step": done, **evaluate(model, eval_blocks, args, accelerator)})
-        if accelerator.is_main_process:
-            write_history(output_dir, history)
+        if accelerator.is_main_process and history["records"] and history["records"][-1]["step"] == done:
+            write_history(output_dir, history)  # only when this step logged something
         if (args.save_every and done % args.save_every == 0) or done == args.max_steps:
             state = {
                 "step": done, "scheduler": scheduler.state_dict(), "blocks_per_step": sampler.blocks_per_step,
