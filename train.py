@@ -412,7 +412,7 @@ def mixed_precision(choice: str) -> str:
 
 def train(args) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
     from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
     # cpu=True where there is no GPU: accelerate only takes a multi-process CPU launch (gloo) as distributed then.
@@ -535,14 +535,16 @@ def train(args) -> dict:
     progress.close()
     recorder.remove()
 
-    fingerprints = gather_object([state_fingerprint(core)])
+    # FSDP shards the weights, so only replicated (DDP or single-process) weights can be compared.
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    fingerprints = gather_object([None if sharded else state_fingerprint(core)])
     summary = {
         "steps": args.max_steps,
         "world_size": accelerator.num_processes,
         "tokens": args.max_steps * tokens_per_step,
         "train_blocks": len(train_blocks),
         "eval": next((r for r in reversed(history["records"]) if "eval_loss" in r), None),
-        "replicas_identical": len(set(fingerprints)) == 1,
+        "replicas_identical": None if sharded else len(set(fingerprints)) == 1,
         "fingerprint": fingerprints[0],
     }
     save_final_model(accelerator, model, tokenizer, output_dir)

@@ -57,8 +57,10 @@ class StepSchedule:
 
 def find_moe_mtp_model(model: nn.Module) -> nn.Module:
     """The `MoeMtpForCausalLM` inside a PEFT, DDP, FSDP or Accelerate wrapper."""
+    from .modeling import MoeMtpForCausalLM
+
     for module in model.modules():
-        if type(module).__name__ == "MoeMtpForCausalLM":
+        if isinstance(module, MoeMtpForCausalLM):  # FSDP2 subclasses it on the fly
             return module
     raise ValueError(f"{type(model).__name__} holds no MoeMtpForCausalLM")
 
