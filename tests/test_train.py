@@ -145,3 +145,16 @@ def test_refuses_to_write_over_an_earlier_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--mtp-loss-weight", "0.3,x@0.5"])
     assert "--mtp-loss-weight: cannot read 'x@0.5'" in capsys.readouterr().err
+
+
+def test_lora_trainer_example_fine_tunes_the_trained_model(reference_run, tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "finetune_lora_trainer.py"
+    spec = importlib.util.spec_from_file_location("finetune_lora_trainer", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer = example.main(["--model", str(reference_run / "model"), "--output-dir", str(tmp_path), "--max-steps", "4"])
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs and all("mtp_loss_1" in entry and "max_vio/layers.1" in entry for entry in logs)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
