@@ -156,7 +156,7 @@ def test_hook_leaves_models_of_other_optimizers_and_eval_mode_alone():
 
 def train_max_vio(gamma: float, steps: int = 50) -> float:
     torch.manual_seed(0)
-    model = make_model(bias_update_speed=gamma, num_nextn_predict_layers=0).train()
+    model = make_model(bias_update_speed=gamma, num_nextn_predict_layers=0, num_hidden_layers=2).train()
     unbalance(model, offset=0.05)
     # DeepSeek-V3's ratio of learning rate to gamma (2.2e-4 vs 1e-3): much faster router learning outruns the bias.
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
