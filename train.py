@@ -9,7 +9,7 @@ Without `--data` the corpus is the English text of the stdlib's `pydoc_data/topi
 (a byte-level BPE is trained when no tokenizer is given) and packed into fixed-length blocks. The loop is AdamW with
 warmup and cosine decay, gradient accumulation, bf16 autocast on GPUs that support it, gradient clipping and optional
 activation checkpointing; the loss is the main cross-entropy plus the scheduled MTP loss and the sequence-wise
-balance loss, and the balancing bias moves after every optimizer step (balancing.py). Every `--save-every` steps an
+balance loss, and the balancing bias moves after every optimizer step (modeling/balancing.py). Every `--save-every` steps an
 atomic checkpoint (model, optimizer, scheduler, RNG and data position) lands in `OUTPUT/checkpoints/step-N`;
 `--resume` continues from the latest one exactly. The output folder gets the trained model and tokenizer
 (`OUTPUT/model`, a `from_pretrained` folder), `metrics.jsonl`/`metrics.csv`, `summary.json` and PNG plots.
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .balancing import named_routers, take_balance_metrics
 from .configuration import MoeMtpConfig
 from .modeling import MoeMtpForCausalLM
+from .modeling.balancing import named_routers, take_balance_metrics
 from .training import LossRecorder, StepSchedule, apply_schedules
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
@@ -498,7 +498,7 @@ def train(args) -> dict:
                 accelerator.backward(loss)
             step_loss += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
-        optimizer.step()  # the balancing bias moves here, through the optimizer-step hook (balancing.py)
+        optimizer.step()  # the balancing bias moves here, through the optimizer-step hook (modeling/balancing.py)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1

@@ -1,7 +1,7 @@
 """Training components shared by `Trainer` users and `python -m moe_mtp.train`: the DeepSeek-V3 schedules of the MTP
 loss weight and the balancing speed, the per-part loss record, and a `Trainer` callback that logs them.
 
-The balancing bias itself needs none of this: it moves after every optimizer step on its own (see balancing.py).
+The balancing bias itself needs none of this: it moves after every optimizer step on its own (see modeling/balancing.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .balancing import take_balance_metrics
+from .modeling.balancing import take_balance_metrics
 
 
 @dataclass(frozen=True)

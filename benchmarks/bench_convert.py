@@ -33,16 +33,31 @@ from moe_mtp.conversion.spec import canonical_shapes
 TARGETS = {"bf16 -> bf16": 3.0, "fp8 -> bf16": 6.0}
 
 
-def bench_config(size_mb: int, layers: int = 2) -> MoeMtpConfig:
-    """A DeepSeek-V3-shaped config (128-multiple dimensions, as released) of about `size_mb` MB in bf16."""
-    config = MoeMtpConfig(
-        vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=layers,
-        num_attention_heads=8, n_routed_experts=32, n_group=4, topk_group=2, num_experts_per_tok=4,
-        first_k_dense_replace=1, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-        v_head_dim=64, num_nextn_predict_layers=1,
-    )  # fmt: skip
-    size = 2 * sum(torch.Size(shape).numel() for shape in canonical_shapes(config).values()) / 1e6
-    return config if size >= size_mb or layers > 200 else bench_config(size_mb, layers + 1)
+def bench_config(size_mb: int) -> MoeMtpConfig:
+    """A DeepSeek-V3-shaped config (128-multiple dimensions, as released) of at least `size_mb` MB in bf16.
+
+    Layers are added to reach big sizes; small ones shrink the vocabulary and the expert count first, so the
+    checkpoint built is the smallest of these shapes that is not below the size asked for."""
+    for vocab, experts in ((4096, 8), (8192, 16), (16384, 32), (32768, 32)):
+        for layers in range(2, 202):
+            config = MoeMtpConfig(
+                vocab_size=vocab, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                num_hidden_layers=layers, num_attention_heads=8, n_routed_experts=experts, n_group=4, topk_group=2,
+                num_experts_per_tok=4, first_k_dense_replace=1, q_lora_rank=384, kv_lora_rank=256,
+                qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, num_nextn_predict_layers=1,
+            )  # fmt: skip
+            size = bf16_size_mb(config)
+            if size >= size_mb:
+                break
+            if layers >= 4 and vocab < 32768:
+                break  # a bigger vocabulary and more experts before more layers
+        if size >= size_mb:
+            return config
+    return config
+
+
+def bf16_size_mb(config: MoeMtpConfig) -> float:
+    return 2 * sum(torch.Size(shape).numel() for shape in canonical_shapes(config).values()) / 1e6
 
 
 def build(folder: Path, config: MoeMtpConfig, fp8: bool, shard_bytes: int = 200 * 10**6):
@@ -119,6 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args(argv)
     config = bench_config(args.size_mb)
+    print(f"building a {bf16_size_mb(config):.0f} MB bf16 checkpoint for --size-mb {args.size_mb} "
+          f"({config.num_hidden_layers} layers, {config.n_routed_experts} experts, vocabulary {config.vocab_size})")  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
         tmp = Path(tmp)

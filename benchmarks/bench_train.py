@@ -26,8 +26,8 @@ from transformers import DeepseekV3ForCausalLM
 from transformers.utils import logging
 
 from moe_mtp import MoeMtpConfig, MoeMtpForCausalLM
-from moe_mtp.balancing import automatic_bias_update, take_balance_metrics
 from moe_mtp.conversion import convert_state_dict, transformers_config
+from moe_mtp.modeling.balancing import automatic_bias_update, take_balance_metrics
 from moe_mtp.training import LossRecorder
 
 COMMON = dict(

@@ -8,11 +8,13 @@ transformers, as for its built-in models.
 from __future__ import annotations
 
 from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 HIDDEN_ACTS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
-ROPE_TYPES = ("default", "yarn")
+# Every type of transformers' rope registry, as for its DeepseekV3 (`dynamic`/`longrope` also rescale at runtime).
+ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
 
 
 class MoeMtpConfig(PretrainedConfig):
@@ -105,9 +107,11 @@ class MoeMtpConfig(PretrainedConfig):
     tie_word_embeddings: bool = False
     """Whether `lm_head` shares the input embedding matrix."""
     rope_parameters: dict | None = None
-    """RoPE settings: `rope_theta`, `rope_type` (`default` or `yarn`) and YaRN's `factor`, `mscale`,
-    `mscale_all_dim`, `beta_fast`, `beta_slow`, `original_max_position_embeddings`. Released `rope_scaling` and
-    `rope_theta` keys are folded in here."""
+    """RoPE settings: `rope_theta`, `rope_type` and the type's own keys, e.g. YaRN's `factor`, `mscale`,
+    `mscale_all_dim`, `beta_fast`, `beta_slow`, `original_max_position_embeddings`. Any type transformers knows works:
+    `default`, `linear`, `dynamic` (rescales with the sequence length), `yarn`, `longrope`, `llama3`,
+    `proportional`. With a scaled type, `mscale_all_dim` also scales the softmax, as in DeepSeek's models. Released
+    `rope_scaling` and `rope_theta` keys are folded in here."""
     attention_bias: bool = False
     """Whether the attention projections carry biases."""
     attention_dropout: float = 0.0
@@ -200,11 +204,32 @@ class MoeMtpConfig(PretrainedConfig):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
                 fail(field, f"must be a non-negative number, got {value!r}")
-        rope_type = self.rope_parameters.get("rope_type", "default")
-        if rope_type not in ROPE_TYPES:
-            fail("rope_parameters", f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
-        if rope_type == "yarn" and "factor" not in self.rope_parameters:
-            fail("rope_parameters", "yarn needs a 'factor'")
+        check_rope_parameters(self)
+
+
+def check_rope_parameters(config: MoeMtpConfig):
+    """Raises a ValueError naming the problem unless `config.rope_parameters` is a rope the model can run, after
+    filling in defaults as transformers does (`rope_theta`, yarn/llama3/longrope's original length). Runs when the
+    config is built and again when a model is, because users (and transformers' tests) edit it in between."""
+
+    def fail(message):
+        raise ValueError(f"MoeMtpConfig.rope_parameters: {message}")
+
+    params = config.rope_parameters
+    if not isinstance(params, dict):
+        fail(f"must be a dict with a 'rope_type', got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        fail(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
+    params.setdefault("rope_theta", config.default_theta)
+    config.standardize_rope_params()  # as transformers' rope functions do, e.g. yarn's original length defaults in
+    # MLA already splits each head into rotated (qk_rope_head_dim) and unrotated dims.
+    if rope_type != "proportional" and params.get("partial_rotary_factor", 1.0) != 1.0:
+        fail("partial_rotary_factor is not supported: set qk_rope_head_dim/qk_nope_head_dim instead")
+    try:
+        config.validate_rope()  # transformers' per-type check of the required keys (e.g. yarn's 'factor')
+    except KeyError as error:
+        fail(error.args[0] if error.args else str(error))
 
 
 __all__ = ["MoeMtpConfig"]

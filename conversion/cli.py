@@ -31,6 +31,11 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
+def one_line(exc: BaseException) -> str:
+    """The message on one line (a library's message may span several)."""
+    return " ".join(str(exc).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="moe-mtp-convert",
@@ -99,11 +104,8 @@ def main(argv=None) -> int:
         if not args.dry_run:
             print(f"wrote {summary['num_tensors']} tensors ({summary['total_bytes'] / 1e9:.3f} GB) to {args.dst}")
         return 0
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConversionError, OSError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

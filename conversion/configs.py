@@ -46,13 +46,69 @@ def read_json(path: Path) -> dict:
         raise ConversionError(f"{path}: not found (a checkpoint folder needs its config.json)") from None
     except (OSError, ValueError) as exc:
         raise ConversionError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise ConversionError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return data
 
 
-def config_family(config: dict) -> str:
-    """'moe_mtp', 'deepseek_v3' or 'deepseek_v2', from `model_type` (or `architectures`)."""
+# Fields whose type is checked before anything reads them (MoeMtpConfig checks the values further).
+INT_FIELDS = (*REQUIRED_FIELDS, *REQUIRED_MOE_FIELDS, "num_nextn_predict_layers", "n_group", "topk_group",
+              "moe_layer_freq", "max_position_embeddings", "num_key_value_heads")  # fmt: skip
+NUMBER_FIELDS = ("rms_norm_eps", "routed_scaling_factor", "rope_theta", "initializer_range", "aux_loss_alpha")
+BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "norm_topk_prob", "seq_aux", "mlp_bias")
+DICT_FIELDS = ("rope_scaling", "rope_parameters", "quantization_config")
+ROPE_NUMBER_FIELDS = ("rope_theta", "factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
+                      "original_max_position_embeddings")  # fmt: skip
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_config_types(config: dict, source: str = "config.json"):
+    """Raise ConversionError naming `source` and the field for a value of the wrong JSON type (a string
+    `rope_scaling`, a list `architectures`, ...), before any translation reads it. None means "not set"."""
+
+    def fail(field, expected):
+        raise ConversionError(f"{source}: {field} must be {expected}, got {config[field]!r}")
+
+    for field in ("model_type",):
+        if config.get(field) is not None and not isinstance(config[field], str):
+            fail(field, "a string")
+    architectures = config.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
+        fail("architectures", "a list of class names")
+    for field in INT_FIELDS:
+        value = config.get(field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            fail(field, "a non-negative integer")
+    for field in NUMBER_FIELDS:
+        if config.get(field) is not None and not _is_number(config[field]):
+            fail(field, "a number")
+    for field in BOOL_FIELDS:
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            fail(field, "true or false")
+    for field in DICT_FIELDS:
+        if config.get(field) is not None and not isinstance(config[field], dict):
+            fail(field, "an object (or null)")
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = config.get(field) or {}
+        for key in ("type", "rope_type"):
+            if rope.get(key) is not None and not isinstance(rope[key], str):
+                raise ConversionError(f"{source}: {field}.{key} must be a string, got {rope[key]!r}")
+        for key in ROPE_NUMBER_FIELDS:
+            if rope.get(key) is not None and not _is_number(rope[key]):
+                raise ConversionError(f"{source}: {field}.{key} must be a number, got {rope[key]!r}")
+
+
+def config_family(config: dict, source: str = "config.json") -> str:
+    """'moe_mtp', 'deepseek_v3' or 'deepseek_v2', from `model_type` (or `architectures`); the field types are
+    checked first (`check_config_types`)."""
+    check_config_types(config, source)
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     if model_type == "moe_mtp":
@@ -62,8 +118,7 @@ def config_family(config: dict) -> str:
     if model_type in V2_TYPES or "DeepseekV2ForCausalLM" in architectures:
         return "deepseek_v2"
     raise ConversionError(
-        f"config.json: unsupported model_type {model_type!r}; expected moe_mtp, deepseek_v3 (also kimi_k2) "
-        "or deepseek_v2"
+        f"{source}: unsupported model_type {model_type!r}; expected moe_mtp, deepseek_v3 (also kimi_k2) or deepseek_v2"
     )
 
 

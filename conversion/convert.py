@@ -2,8 +2,8 @@
 
 `convert` reads one tensor (or one chunk of rows) at a time and streams each output shard to disk, so its memory
 stays around the largest single tensor it has to transform (a float32 copy of it when quantizing to FP8), whatever
-the model size. Output goes to `DST.partial`, renamed to DST only once complete; any error removes it. Only folders
-this package made are ever deleted: a `DST.partial` carries a marker file while it is being written.
+the model size. Output goes to `DST.partial`, swapped into DST only once complete (see `destination.py`); any
+error removes it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import destination
 from .configs import (
     DTYPE_STRINGS,
     build_moe_mtp_config,
@@ -53,24 +54,29 @@ FORMATS = ("moe_mtp", "deepseek", "transformers")
 COPY_PATTERNS = ("tokenizer*.json", "tokenizer.model", "tokenizer*.model", "special_tokens_map.json",
                  "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "*.tiktoken",
                  "tiktoken.model", "chat_template*", "*.jinja", "tokenization_*.py")  # fmt: skip
-# Written into DST.partial when a run creates it: a leftover DST.partial is replaced only if it carries this file,
-# so a user's own folder that happens to be named like ours is never deleted.
-PARTIAL_MARKER = ".moe_mtp_partial"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def open_source(src, src_format: str = "auto", allow_unknown: bool = False, config=None) -> tuple[dict, Source]:
-    """Read a folder's config and headers and match them: (moe_mtp config dict, Source). Nothing is loaded.
-
-    `config` (a MoeMtpConfig) overrides the folder's config.json for the shape checks.
+def open_source(
+    src,
+    src_format: str = "auto",
+    allow_unknown: bool = False,
+    config=None,
+    *,
+    allow_missing: bool = False,
+    missing_hint: str = "",
+) -> tuple[dict, Source]:
+    """Read a folder's config and headers and match them: (moe_mtp config dict, Source). Only FP8 scales are read
+    (to check them). `config` (a MoeMtpConfig) overrides the folder's config.json for the shape checks; see
+    `resolve_source` for `allow_unknown`, `allow_missing` and `missing_hint`.
     """
     src = Path(src)
     check_checkpoint_folder(src)
     released = read_json(src / "config.json")
-    family = config_family(released)
+    family = config_family(released, str(src / "config.json"))
     infos = read_folder_headers(src)
     layout_name = detect_layout(infos, family) if src_format == "auto" else src_format
     layout = get_layout(layout_name)
@@ -82,35 +88,94 @@ def open_source(src, src_format: str = "auto", allow_unknown: bool = False, conf
         ours["num_nextn_predict_layers"] = max(modules) + 1 if modules else 0
     if config is None:
         config = build_moe_mtp_config(ours, str(src / "config.json"))
-    fp8_format = FP8Format.from_config(released.get("quantization_config"))
-    source = resolve_source(FolderStore(infos), layout, config, fp8_format, allow_unknown)
+    fp8_format = FP8Format.from_config(released.get("quantization_config"), str(src / "config.json"))
+    store = FolderStore(infos)
+    try:
+        source = resolve_source(store, layout, config, fp8_format, allow_unknown, allow_missing, missing_hint)
+    except BaseException:
+        store.close()
+        raise
     if source.config.num_nextn_predict_layers != config.num_nextn_predict_layers:
         ours["num_nextn_predict_layers"] = source.config.num_nextn_predict_layers
     return ours, source
 
 
-def read_config_dict(folder) -> dict:
+def read_config_dict(folder, mtp_from_weights: bool = True) -> dict:
     """The moe_mtp config dict of any supported folder (released deepseek, transformers or moe_mtp).
 
-    MTP modules count as present only if their weights are (transformers-saved folders have none).
+    With `mtp_from_weights`, MTP modules count as present only if their weights are (transformers-saved folders
+    have none); otherwise `num_nextn_predict_layers` is what config.json says.
     """
-    ours, source = open_source(folder, allow_unknown=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown tensors: reading the config is not the place to report them
+        ours, source = open_source(folder, allow_unknown=True, allow_missing=True)
     source.store.close()
+    if not mtp_from_weights:
+        ours["num_nextn_predict_layers"] = read_json(Path(folder) / "config.json").get(
+            "num_nextn_predict_layers", ours["num_nextn_predict_layers"]
+        )
     return ours
 
 
-def load_state_dict_from_folder(folder, config, dtype=None) -> dict[str, torch.Tensor]:
+def load_state_dict_from_folder(folder, config, dtype=None, *, allow_missing: bool = False) -> dict[str, torch.Tensor]:
     """All weights of a deepseek / transformers / moe_mtp folder, in moe_mtp names, checked against `config`.
 
     FP8 weights are dequantized (to `dtype`, else to the folder's unquantized dtype); `dtype` (a torch dtype or
     'bf16'/'fp32') casts floating tensors, except the float32 router bias. The whole state dict is in memory.
+    Missing tensors are an error, unless `allow_missing` (they are then simply absent from the result); trailing
+    MTP modules absent as a whole are absent from the result too.
     """
-    _, source = open_source(folder, config=config)
+    _, source = open_source(folder, config=config, allow_missing=allow_missing)
     try:
         plan = plan_outputs(source, get_layout("moe_mtp"), resolve_dtype(dtype), allow_raw=False)
         return run_to_dict(plan)
     finally:
         source.store.close()
+
+
+def folder_family(folder, config_given: bool = False) -> str | None:
+    """What a local checkpoint folder holds, from its config.json: 'moe_mtp', 'deepseek_v3' (aliases such as
+    kimi_k2, or only `architectures`, included) or 'deepseek_v2'; None for a folder without config.json when the
+    caller brings its own config (`config_given`). A missing or malformed config.json raises ConversionError."""
+    path = Path(folder) / "config.json"
+    if not path.is_file() and config_given:
+        return None
+    if not path.is_file():
+        raise ConversionError(
+            f"{path}: not found; a checkpoint folder needs its config.json (or pass config=... to from_pretrained)"
+        )
+    return config_family(read_json(path), str(path))
+
+
+def check_folder(folder, *, allow_missing: bool = False, missing_hint: str = "") -> list[str]:
+    """Check a local checkpoint folder before loading it, from its config.json, headers and FP8 scales: every
+    name, shape and dtype, as the converter does. Missing tensors raise ConversionError (ending with
+    `missing_hint`) unless `allow_missing`; tensors the config does not account for are left to the loader.
+    Returns one-line notes: MTP modules the folder lacks (the model initializes them), a missing router bias.
+
+    Folders that another quantizer wrote (a moe_mtp config with a `quantization_config`) are not checked here.
+    """
+    released = read_json(Path(folder) / "config.json")
+    if config_family(released) == "moe_mtp" and released.get("quantization_config") is not None:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown tensors: the loader reports them
+        _, source = open_source(folder, allow_unknown=True, allow_missing=allow_missing, missing_hint=missing_hint)
+    source.store.close()
+    notes = list(source.notes)
+    held, asked = source.config.num_nextn_predict_layers, source.asked_mtp
+    if held < asked:
+        notes.append(
+            f"{folder} holds {held} of the {asked} MTP module(s) its config asks for: modules {held}..{asked - 1} "
+            "are newly initialized (as when starting MTP training from a base model)"
+        )
+    if source.missing:
+        notes.append(
+            f"{len(source.missing)} tensor(s) missing from {folder} will be newly initialized: "
+            + ", ".join(source.missing[:3])
+            + (" ..." if len(source.missing) > 3 else "")
+        )
+    return notes
 
 
 def destination_config(ours: dict, plan: Plan, dst_format: str) -> dict:
@@ -143,62 +208,6 @@ def _copy_extra_files(src: Path, dst: Path) -> list[str]:
                 shutil.copy2(path, dst / path.name)
                 copied.append(path.name)
     return copied
-
-
-def _remove(path: Path):
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _overlap(a: Path, b: Path) -> bool:
-    """Whether a and b are the same folder or one contains the other (replacing one would delete the other)."""
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
-
-
-def _check_destination(src: Path, dst: Path, partial: Path, force: bool, dry_run: bool):
-    if _overlap(dst, src) or _overlap(partial, src):
-        raise ConversionError(
-            f"{dst}: the destination must not be the source folder, inside it, or a folder that contains it"
-        )
-    if dry_run:
-        return
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise ConversionError(f"{dst} already exists; pass force=True (--force) to replace it")
-    ours = partial.is_dir() and not partial.is_symlink() and (partial / PARTIAL_MARKER).is_file()
-    if (partial.exists() or partial.is_symlink()) and not ours:
-        raise ConversionError(
-            f"{partial} exists but was not left by a moe_mtp conversion (it has no {PARTIAL_MARKER} file); "
-            "remove it yourself or choose another DST"
-        )
-
-
-def _missing_parents(path: Path) -> list[Path]:
-    """The parent folders of `path` that do not exist yet, innermost first: what creating it would create."""
-    missing = []
-    for parent in path.absolute().parents:
-        if parent.exists():
-            break
-        missing.append(parent)
-    return missing
-
-
-def _make_partial(partial: Path):
-    """Create DST.partial with its marker, replacing a marked leftover of a killed run."""
-    _remove(partial)  # checked to be ours by _check_destination
-    partial.mkdir(parents=True)
-    (partial / PARTIAL_MARKER).write_text("an unfinished moe_mtp conversion; safe to delete\n")
-
-
-def _remove_empty(folders: list[Path]):
-    """Remove the folders a failed run created, innermost first, stopping at one that is not empty (or gone)."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            break
 
 
 def _write(plan: Plan, source: Source, out: Path, shard_bytes: int, progress: bool) -> tuple[list[str], int]:
@@ -261,24 +270,27 @@ def convert(
     renamed when complete; an existing DST is replaced only with `force` (and only once the new one is complete).
     Returns a summary dict (also printed for `dry_run`, which writes nothing). Errors raise ConversionError.
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), destination.normalize(dst)
     if src_format not in ("auto", *FORMATS):
         raise ConversionError(f"unknown source format {src_format!r}; expected auto or one of {FORMATS}")
     if dst_format not in FORMATS:
         raise ConversionError(f"unknown destination format {dst_format!r}; expected one of {FORMATS}")
     shard_bytes = parse_size(shard_size)
     check_checkpoint_folder(src)
-    partial = dst.with_name(dst.name + ".partial")
-    _check_destination(src, dst, partial, force, dry_run)
+    partial = destination.partial_of(dst)
+    destination.check(src, dst, force=True, dry_run=True)  # never recover into the source
+    recovered = [] if dry_run else destination.recover(dst)
+    for note in recovered:
+        print(f"note: {note}", file=sys.stderr)
+    destination.check(src, dst, force, dry_run)
     ours, source = open_source(src, src_format, allow_unknown)
     try:
         plan = plan_outputs(source, get_layout(dst_format), resolve_dtype(dtype), scale_fmt)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             check_dropped(source, plan)
-        notes = [str(w.message) for w in caught]
-        if source.dropped_mtp:
-            notes.append("the source holds no MTP weights: the model has no MTP modules")
+        notes = [source.mtp_note()] if source.mtp_note() else []
+        notes += source.notes + [str(w.message) for w in caught]
         new_config = destination_config(ours, plan, dst_format)
         entries = [o.entry for o in plan.outputs]
         summary = {
@@ -299,22 +311,23 @@ def convert(
             summary["inspect"] = inspect(src)
             print(format_dry_run(summary))
             return summary
-        created = _missing_parents(partial)
+        created = destination.missing_parents(partial)
         try:
-            _make_partial(partial)
+            destination.make_partial(partial)
             _write(plan, source, partial, shard_bytes, progress)
             (partial / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
             summary["copied_files"] = _copy_extra_files(src, partial)
-            (partial / PARTIAL_MARKER).unlink()
-            if dst.exists() or dst.is_symlink():
-                _remove(dst)
-            partial.rename(dst)
+            destination.commit(partial)
+            installed = destination.install(partial, dst)
         except BaseException as exc:
-            _remove(partial)
-            _remove_empty(created)
+            destination.remove(partial)
+            destination.remove_empty(created)
             if isinstance(exc, OSError):
                 raise ConversionError(f"writing {dst}: {exc}") from exc
             raise
+        for note in installed:
+            print(f"note: {note}", file=sys.stderr)
+        summary["notes"] += recovered + installed
         return summary
     finally:
         source.store.close()

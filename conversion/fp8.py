@@ -23,9 +23,9 @@ DEFAULT_BLOCK = (128, 128)
 
 
 def _block(block) -> tuple[int, int]:
-    if isinstance(block, int):
-        return block, block
-    rows, cols = block
+    rows, cols = (block, block) if isinstance(block, int) else block
+    if int(rows) <= 0 or int(cols) <= 0:
+        raise ConversionError(f"FP8 block size must be positive, got {block!r}")
     return int(rows), int(cols)
 
 
@@ -53,6 +53,24 @@ def check_scale(weight_shape, scale_inv: torch.Tensor | None, block=DEFAULT_BLOC
         )
 
 
+def scale_dtypes(scale_fmt: str | None) -> tuple[torch.dtype, ...]:
+    """The dtypes a `weight_scale_inv` may have: float32 as released; also e8m0 for power-of-two (ue8m0) scales."""
+    return (torch.float32, torch.float8_e8m0fnu) if scale_fmt == "ue8m0" else (torch.float32,)
+
+
+def check_scale_values(scale_inv: torch.Tensor, *, name: str | None = None, where: str | None = None):
+    """Raise ConversionError unless every scale is finite and positive (a zero scale zeroes its block)."""
+    scale = scale_inv.float()
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bad.any():
+        value = scale.reshape(-1)[bad.reshape(-1)][0].item()
+        place = f" in {where}" if where else ""
+        raise ConversionError(
+            f"{_label(name)}{place} has {int(bad.sum())} invalid FP8 scale(s) (e.g. {value}); scales must be "
+            "finite and positive"
+        )
+
+
 CHUNK_ELEMENTS = 1 << 20  # dequantize ~1M values at a time: the temporaries stay in cache and get reused
 
 
@@ -71,9 +89,8 @@ class _Workspace:
 
 def _prepare_scale(scale_inv: torch.Tensor, cols: int, block_cols: int, name) -> tuple[torch.Tensor, bool]:
     """Per-(row block, column) scales, premultiplied by 2**8 for the fast path when that is exact."""
+    check_scale_values(scale_inv, name=name)
     scale = scale_inv.float()
-    if scale.numel() and not torch.isfinite(scale).all():
-        raise ConversionError(f"{_label(name)} has non-finite values in its weight_scale_inv")
     fast = scale.numel() == 0 or scale.abs().max().item() < 2.0**100
     if fast:
         scale = scale * 256.0
@@ -218,6 +235,7 @@ __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
     "check_scale",
+    "check_scale_values",
     "dequantize_block_fp8",
     "iter_dequantize_block_fp8",
     "quantize_block_fp8",

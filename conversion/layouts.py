@@ -25,8 +25,8 @@ import torch
 from . import fp8
 from .errors import ConversionError
 from .rules import LAYOUTS, Copy, Ignore, Layout, Omit, Rename, Stack, concrete_rules
-from .safetensors_io import FolderReader, OutputEntry, RawRange, TensorInfo
-from .spec import canonical_shapes, is_router_bias, mtp_index
+from .safetensors_io import DTYPE_NAMES, FolderReader, OutputEntry, RawRange, TensorInfo
+from .spec import canonical_shapes, is_projection_weight, is_router_bias, mtp_index
 
 SCALE_SUFFIX = "_scale_inv"
 CAST_CHUNK_ELEMENTS = 1 << 24  # casts run over ~16M values at a time, bounding the temporaries
@@ -173,18 +173,25 @@ class FP8Format:
     scale_fmt: str | None = None
 
     @classmethod
-    def from_config(cls, quantization_config: dict | None) -> FP8Format:
+    def from_config(cls, quantization_config: dict | None, source: str = "config.json") -> FP8Format:
         q = quantization_config or {}
         if q and (q.get("quant_method", "fp8") != "fp8" or q.get("fmt", "e4m3") != "e4m3"):
             raise ConversionError(
-                f"config.json: unsupported quantization_config {q!r} (only block FP8 e4m3, as DeepSeek releases)"
+                f"{source}: unsupported quantization_config {q!r} (only block FP8 e4m3, as DeepSeek releases)"
             )
-        block = tuple(q.get("weight_block_size") or fp8.DEFAULT_BLOCK)
-        if len(block) != 2:
-            raise ConversionError(f"config.json: weight_block_size must have 2 entries, got {list(block)}")
+        block = q.get("weight_block_size") or fp8.DEFAULT_BLOCK
+        if not (
+            isinstance(block, (list, tuple))
+            and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+        ):
+            raise ConversionError(
+                f"{source}: quantization_config.weight_block_size must be 2 positive integers, got {block!r}"
+            )
+        block = tuple(block)
         scale_fmt = q.get("scale_fmt")
         if scale_fmt not in fp8.SCALE_FORMATS:
-            raise ConversionError(f"config.json: unsupported FP8 scale_fmt {scale_fmt!r}")
+            raise ConversionError(f"{source}: unsupported FP8 scale_fmt {scale_fmt!r}")
         return cls(block, scale_fmt)
 
     def quantization_config(self) -> dict:
@@ -206,6 +213,15 @@ class Source:
     fp8: FP8Format
     dropped_mtp: bool = False
     unknown: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one line each: what was filled in or left out
+    missing: list[str] = field(default_factory=list)  # absent canonical tensors (only with allow_missing)
+    asked_mtp: int = 0  # MTP modules the given config has; `config` keeps those the source holds
+
+    def mtp_note(self) -> str | None:
+        held = self.config.num_nextn_predict_layers
+        if held == self.asked_mtp:
+            return None
+        return f"the source holds {held} of the {self.asked_mtp} MTP module(s) its config asks for"
 
     @property
     def is_fp8(self) -> bool:
@@ -229,12 +245,23 @@ def without_mtp(config):
     return config
 
 
-def resolve_source(store, layout: Layout, config, fp8_format: FP8Format | None = None, allow_unknown=False) -> Source:
+def resolve_source(
+    store,
+    layout: Layout,
+    config,
+    fp8_format: FP8Format | None = None,
+    allow_unknown=False,
+    allow_missing=False,
+    missing_hint: str = "",
+) -> Source:
     """Match a source's tensors against what `config` implies for `layout`; raise ConversionError on any mismatch.
 
-    Checks every name and shape, FP8 scales (present, right shape), unknown names (an error unless
-    `allow_unknown`) and missing tensors. A missing router bias reads as zeros; a source with no MTP tensors at
-    all (transformers drops them) gives an effective config without MTP modules.
+    Checks every name, shape and dtype (floating point; block FP8 only for linear projections), FP8 scales
+    (present, right shape and dtype, finite and positive), unknown names (an error unless `allow_unknown`) and
+    missing tensors: an error naming them (followed by `missing_hint`) unless `allow_missing`, which lists them in
+    `Source.missing` instead. Trailing MTP modules that are absent as a whole (transformers drops them; a base
+    model has none) give an effective config with fewer MTP modules (see `Source.mtp_note`), and a missing router
+    bias reads as zeros (with a line in `Source.notes`).
     """
     fp8_format = fp8_format or FP8Format()
     shapes = canonical_shapes(config)
@@ -249,62 +276,41 @@ def resolve_source(store, layout: Layout, config, fp8_format: FP8Format | None =
         if not any(re.fullmatch(pattern, key) for pattern in ignore):
             unknown.append(key)
     refs: dict[str, Ref] = {}
-    missing: list[str] = []
     for group in groups:
         info = infos.get(group.key)
         if info is None:
-            if group.kind != "copy":  # layout-only copies may be absent
-                missing.extend(group.members)
             continue
         if tuple(info.shape) != tuple(group.shape):
             raise _shape_error(store, group.key, group.shape, info.shape)
-        scale_key = group.key + SCALE_SUFFIX
-        scale = None
-        if info.dtype == fp8.FP8_DTYPE:
-            if group.kind == "stack":
-                raise ConversionError(f"tensor {group.key!r} in {store.where(group.key)}: stacked FP8 is not supported")
-            scale_info = infos.get(scale_key)
-            if scale_info is None:
-                raise ConversionError(
-                    f"tensor {group.key!r} in {store.where(group.key)} is FP8 ({info.dtype}) but its "
-                    f"{scale_key!r} is missing"
-                )
-            expected = fp8.scale_shape(info.shape, fp8_format.block)
-            if tuple(scale_info.shape) != expected:
-                raise ConversionError(
-                    f"tensor {scale_key!r} in {store.where(scale_key)} has shape {tuple(scale_info.shape)}, but "
-                    f"{group.key!r} of shape {tuple(info.shape)} needs {expected} ({list(fp8_format.block)} blocks)"
-                )
-            scale = scale_key
-        elif scale_key in infos:
-            raise ConversionError(
-                f"tensor {scale_key!r} in {store.where(scale_key)} scales {group.key!r}, which is {info.dtype}, not FP8"
-            )
+        _check_dtype(store, group, info.dtype)
+        scale = _check_scale_entry(store, group, info, fp8_format)
         if group.kind == "rename":
             refs[group.members[0]] = Ref(group.key, group.shape, info.dtype, 0, scale)
         elif group.kind == "stack":
             size = math.prod(shapes[group.members[0]])
             for j, name in enumerate(group.members):
                 refs[name] = Ref(group.key, shapes[name], info.dtype, j * size)
-    absent = [name for name in shapes if name not in refs]
-    dropped_mtp = False
-    mtp_names = [name for name in shapes if mtp_index(name) is not None]
-    if mtp_names and all(name not in refs for name in mtp_names):
-        # transformers drops MTP weights: such a source simply has no MTP modules
-        dropped_mtp = True
-        config = without_mtp(config)
-        absent = [name for name in absent if mtp_index(name) is None]
-    for name in absent:
-        if is_router_bias(name):
-            refs[name] = Ref(None, shapes[name], torch.float32)
-    absent = [name for name in absent if name not in refs]
-    if absent:
-        absent_set = set(absent)
-        stored = [g.key for g in groups if absent_set.intersection(g.members)]
+    notes = []
+    asked_mtp = config.num_nextn_predict_layers
+    config = _present_mtp_modules(config, shapes, refs)
+    shapes = canonical_shapes(config)
+    biases = [name for name in shapes if name not in refs and is_router_bias(name)]
+    for name in biases:
+        refs[name] = Ref(None, shapes[name], torch.float32)
+    biases = [name for name in biases if name not in omitted]  # a layout that never stores them: nothing to say
+    if biases:
+        notes.append(
+            f"{len(biases)} router bias(es) ({biases[0]}{', ...' if len(biases) > 1 else ''}) missing from the "
+            "source: they start at zero"
+        )
+    absent = set(shapes).difference(refs)
+    stored = [g.key for g in groups if g.kind != "copy" and absent.intersection(g.members)]
+    if stored and not allow_missing:
         raise ConversionError(
             f"{len(stored)} tensor(s) the config implies are missing from the source ({layout.name} layout): "
             + ", ".join(repr(k) for k in stored[:5])
             + (" ..." if len(stored) > 5 else "")
+            + missing_hint
         )
     if unknown and not allow_unknown:
         raise ConversionError(
@@ -315,7 +321,84 @@ def resolve_source(store, layout: Layout, config, fp8_format: FP8Format | None =
         )
     if unknown:
         warnings.warn(f"skipping {len(unknown)} unknown tensor(s): {', '.join(unknown[:5])}", stacklevel=2)
-    return Source(store, layout, config, refs, fp8_format, dropped_mtp, unknown)
+    _check_scale_values(store, refs, fp8_format)
+    missing = [name for name in shapes if name in absent]
+    dropped_mtp = asked_mtp > 0 and config.num_nextn_predict_layers == 0
+    return Source(store, layout, config, refs, fp8_format, dropped_mtp, unknown, notes, missing, asked_mtp)
+
+
+def _present_mtp_modules(config, shapes: dict, refs: dict):
+    """The config with as many MTP modules as the source holds, when trailing modules are absent as a whole.
+
+    A module that is partly there, or absent while a later one is present, is left for the missing-tensor check.
+    """
+    held = config.num_nextn_predict_layers
+    while held and not any(name in refs for name in shapes if mtp_index(name) == held - 1):
+        held -= 1
+    if held == config.num_nextn_predict_layers:
+        return config
+    config = copy.deepcopy(config)
+    config.num_nextn_predict_layers = held
+    return config
+
+
+def _check_dtype(store, group: Group, dtype: torch.dtype):
+    """Floating point everywhere; block FP8 (e4m3) only for linear projection weights, as the release stores."""
+    if dtype in FLOAT_DTYPES:
+        return
+    fp8_ok = group.kind == "rename" and is_projection_weight(group.members[0])
+    if dtype == fp8.FP8_DTYPE and fp8_ok:
+        return
+    expected = "floating point (F32, BF16, F16" + (", or F8_E4M3 with a weight_scale_inv)" if fp8_ok else ")")
+    raise ConversionError(
+        f"tensor {group.key!r} in {store.where(group.key)} has dtype {DTYPE_NAMES.get(dtype, dtype)}; "
+        f"expected {expected}"
+    )
+
+
+def _check_scale_entry(store, group: Group, info, fp8_format: FP8Format) -> str | None:
+    """The key of a FP8 weight's scale, checked from the header (present, shape, dtype); None if not FP8."""
+    scale_key = group.key + SCALE_SUFFIX
+    if info.dtype != fp8.FP8_DTYPE:
+        if scale_key in store.infos:
+            raise ConversionError(
+                f"tensor {scale_key!r} in {store.where(scale_key)} scales {group.key!r}, which is {info.dtype}, not FP8"
+            )
+        return None
+    if group.kind == "stack":
+        raise ConversionError(f"tensor {group.key!r} in {store.where(group.key)}: stacked FP8 is not supported")
+    if len(info.shape) != 2:
+        raise ConversionError(
+            f"tensor {group.key!r} in {store.where(group.key)} is FP8 with shape {tuple(info.shape)}; "
+            "block FP8 weights are 2-D"
+        )
+    scale_info = store.infos.get(scale_key)
+    if scale_info is None:
+        raise ConversionError(
+            f"tensor {group.key!r} in {store.where(group.key)} is FP8 ({info.dtype}) but its {scale_key!r} is missing"
+        )
+    expected = fp8.scale_shape(info.shape, fp8_format.block)
+    if tuple(scale_info.shape) != expected:
+        raise ConversionError(
+            f"tensor {scale_key!r} in {store.where(scale_key)} has shape {tuple(scale_info.shape)}, but "
+            f"{group.key!r} of shape {tuple(info.shape)} needs {expected} ({list(fp8_format.block)} blocks)"
+        )
+    allowed = fp8.scale_dtypes(fp8_format.scale_fmt)
+    if scale_info.dtype not in allowed:
+        raise ConversionError(
+            f"tensor {scale_key!r} in {store.where(scale_key)} has dtype {DTYPE_NAMES.get(scale_info.dtype)}; "
+            f"FP8 scales ({fp8_format.scale_fmt or 'plain'} scale format) are "
+            + " or ".join(DTYPE_NAMES[d] for d in allowed)
+        )
+    return scale_key
+
+
+def _check_scale_values(store, refs: dict[str, Ref], fp8_format: FP8Format):
+    """Every FP8 scale finite and positive: a zero would silently zero its block, a NaN poison it. Scales are
+    1/16384 of the weights' size, so reading them all is cheap (and `--dry-run` does it too)."""
+    for ref in refs.values():
+        if ref.scale is not None:
+            fp8.check_scale_values(store.read(ref.scale), name=ref.scale, where=store.where(ref.scale))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -448,6 +531,8 @@ def plan_outputs(
 
     outputs: list[Output] = []
     for group in groups:
+        if any(name not in refs for name in group.members):
+            continue  # missing, and allowed to be (`Source.missing`)
         members = [refs[name] for name in group.members]
         if group.kind == "stack":
             t = out_dtype(group.key, members[0])

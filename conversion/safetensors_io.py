@@ -83,6 +83,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise ConversionError(f"{path}: cannot read ({exc})") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConversionError(f"{path}: corrupt safetensors header ({exc})") from exc
+    except RecursionError:
+        raise ConversionError(f"{path}: corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + header_len
@@ -138,6 +140,38 @@ def check_checkpoint_folder(folder: Path):
         )
 
 
+def read_json_file(path: Path, what: str = "JSON file"):
+    """Parse a JSON file; unreadable, malformed or absurdly nested text raises ConversionError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: not found") from None
+    except OSError as exc:
+        raise ConversionError(f"{path}: cannot read ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConversionError(f"{path}: not a valid {what} ({detail})") from None
+
+
+def read_index(folder: Path) -> dict[str, str] | None:
+    """The `weight_map` of a folder's model.safetensors.index.json (None without one), checked: a JSON object
+    whose `weight_map` maps tensor names to file names inside the folder."""
+    index = Path(folder) / INDEX_NAME
+    if not index.is_file():
+        return None
+    data = read_json_file(index, "safetensors index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ConversionError(f"{index}: not a valid safetensors index (needs a \"weight_map\" object of "
+                              "tensor name -> file name)")  # fmt: skip
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise ConversionError(f"{index}: maps {key!r} to {name!r}; expected a file name")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ConversionError(f"{index}: maps {key!r} to {name!r}, outside the checkpoint folder")
+    return weight_map
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """The .safetensors files of a checkpoint folder: from its index, else `model.safetensors`, else all of them.
 
@@ -145,19 +179,23 @@ def checkpoint_files(folder: Path) -> list[Path]:
     """
     folder = Path(folder)
     check_checkpoint_folder(folder)
-    index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConversionError(f"{index}: not a valid safetensors index ({exc})") from exc
+    weight_map = read_index(folder)
+    if weight_map is not None:
         files = []
         for key, name in weight_map.items():
             path = folder / name
             if path not in files:
                 if not path.is_file():
-                    raise ConversionError(f"{index}: maps {key!r} to {name!r}, which does not exist in {folder}")
+                    raise ConversionError(
+                        f"{folder / INDEX_NAME}: maps {key!r} to {name!r}, which does not exist in {folder}"
+                    )
                 files.append(path)
+        unlisted = sorted(p.name for p in folder.glob("*.safetensors") if p not in files)
+        if unlisted:
+            raise ConversionError(
+                f"{folder / INDEX_NAME}: does not list {', '.join(unlisted[:3])}, which the folder holds; "
+                "fix the index (or move the file away)"
+            )
         return files
     if (folder / SINGLE_NAME).is_file():
         return [folder / SINGLE_NAME]
@@ -178,7 +216,7 @@ def read_folder_headers(folder: Path) -> dict[str, TensorInfo]:
     folder = Path(folder)
     infos: dict[str, TensorInfo] = {}
     index = folder / INDEX_NAME
-    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    weight_map = read_index(folder)
     for path in checkpoint_files(folder):
         for key, info in read_header(path).items():
             if key in infos:

@@ -12,6 +12,9 @@ import re
 ROUTER_BIAS = "e_score_correction_bias"
 EXPERT_RE = re.compile(r"\.mlp\.experts\.\d+\.")
 MTP_RE = re.compile(r"^model\.mtp_layers\.(\d+)\.")
+# The linear projection weights of the decoder blocks (attention, MLPs, experts) and of the MTP modules: the only
+# tensors a block-FP8 checkpoint may store as FP8 (never norms, embeddings, heads or the router).
+PROJECTION_RE = re.compile(r"^model\.(layers|mtp_layers)\.\d+\.(.+\.)?[a-z_]+_proj(_with_mqa)?\.weight$")
 
 
 def _attention(config, prefix: str) -> dict[str, tuple[int, ...]]:
@@ -97,3 +100,7 @@ def is_routed_expert(key: str) -> bool:
 def mtp_index(key: str) -> int | None:
     m = MTP_RE.match(key)
     return int(m.group(1)) if m else None
+
+
+def is_projection_weight(key: str) -> bool:
+    return PROJECTION_RE.match(key) is not None

@@ -75,7 +75,7 @@ def inspect(path) -> dict:
     folder = Path(path)
     check_checkpoint_folder(folder)
     released = read_json(folder / "config.json")
-    family = config_family(released)
+    family = config_family(released, str(folder / "config.json"))
     config = moe_mtp_config_dict(released)
     infos = read_folder_headers(folder)
     dtypes: dict[str, dict[str, int]] = {}

@@ -5,8 +5,7 @@ then the pretrained base, the model and the causal LM. Tensor names match the re
 the main stack loads them unchanged; the MTP modules live at `model.mtp_layers.{k}` (released: `model.layers.{N+k}`).
 """
 
-from __future__ import annotations
-
+import importlib
 import math
 import os
 from collections.abc import Callable
@@ -22,15 +21,17 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .. import balancing
 from ..configuration import MoeMtpConfig
+from ..configuration.configuration_moe_mtp import check_rope_parameters
+from .balancing import track, update_balancing_bias
 
 logger = logging.get_logger(__name__)
 
@@ -52,33 +53,47 @@ class MoeMtpRMSNorm(nn.Module):
 
 
 def yarn_softmax_mscale(rope_parameters: dict) -> float:
-    """DeepSeek's YaRN folds `mscale_all_dim` into the softmax scale, squared (once for q, once for k)."""
+    """DeepSeek folds `mscale_all_dim` into the softmax scale, squared (once for q, once for k), for any scaled rope
+    (as DeepSeek's reference code and transformers' DeepseekV3 do); YaRN is the only type released configs use."""
     factor, mscale_all_dim = rope_parameters.get("factor", 1.0), rope_parameters.get("mscale_all_dim", 0)
-    if rope_parameters.get("rope_type", "default") != "yarn" or not mscale_all_dim or factor <= 1:
+    if rope_parameters.get("rope_type", "default") == "default" or not mscale_all_dim or factor <= 1:
         return 1.0
     mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
     return mscale * mscale
 
 
 class MoeMtpRotaryEmbedding(nn.Module):
-    """Rotary frequencies for the decoupled rope dims; YaRN comes from transformers' rope registry."""
+    """Rotary frequencies for the decoupled rope dims. Every rope type of transformers' registry works (`yarn`,
+    `linear`, `dynamic`, `longrope`, `llama3`, ...); `dynamic_rope_update` rescales `dynamic` and `longrope` with the
+    sequence length, as in transformers' own models."""
 
     inv_freq: torch.Tensor
+    original_inv_freq: torch.Tensor
 
     def __init__(self, config: MoeMtpConfig):
         super().__init__()
-        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        # Checked here too: rope_parameters may have been edited since the config was built.
+        check_rope_parameters(config)
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def compute_inv_freq(config: MoeMtpConfig) -> tuple[torch.Tensor, float]:
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        if rope_type != "default":
-            return ROPE_INIT_FUNCTIONS[rope_type](config)
+    def compute_default_rope_parameters(
+        config: MoeMtpConfig, device: torch.device | None = None, seq_len: int | None = None, **kwargs
+    ) -> tuple[torch.Tensor, float]:
+        """Plain rope over the `qk_rope_head_dim` dims (also what `_init_weights` recomputes the buffers with)."""
         dim, base = config.qk_rope_head_dim, config.rope_parameters.get("rope_theta", 10000.0)
-        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim)), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns cos and sin of shape (batch, seq, rope_dim // 2), one angle per interleaved pair."""
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -315,13 +330,19 @@ class MoeMtpTopkRouter(nn.Module):
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weights = topk_weights * self.routed_scaling_factor
         # Skip the recomputation that gradient checkpointing runs inside backward, which would count twice.
-        if self.training and torch._C._current_graph_task_id() == -1:
-            counted = topk_indices if token_mask is None else topk_indices[token_mask.reshape(-1).bool()]
-            counts = torch.bincount(counted.flatten(), minlength=self.num_experts)
-            if self.tokens_per_expert.device != counts.device:
+        if self.training and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1):
+            if self.tokens_per_expert.device != topk_indices.device:  # follows the router (a plain tensor)
                 held = self.tokens_per_expert
-                self.tokens_per_expert = torch.zeros_like(counts) if held.is_meta else held.to(counts.device)
-            self.tokens_per_expert += counts
+                self.tokens_per_expert = (
+                    torch.zeros(self.num_experts, dtype=torch.long, device=topk_indices.device)
+                    if held.is_meta
+                    else held.to(topk_indices.device)
+                )
+            # A masked scatter_add rather than bincount of the real tokens: fixed shapes, so torch.compile keeps it.
+            counted = torch.ones_like(topk_indices, dtype=self.tokens_per_expert.dtype)
+            if token_mask is not None:
+                counted = counted * token_mask.reshape(-1, 1).to(counted.dtype)
+            self.tokens_per_expert.scatter_add_(0, topk_indices.flatten(), counted.flatten())
         return router_logits, topk_weights, topk_indices
 
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
@@ -336,13 +357,222 @@ class MoeMtpTopkRouter(nn.Module):
         if self.topk_method != "greedy" and self.topk_group < self.n_group:
             grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
             if self.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                # Sum of each group's two best scores; two max passes are several times faster than topk(2) on CPU.
+                best, best_index = grouped.max(dim=-1)
+                group_scores = best + grouped.scatter(-1, best_index.unsqueeze(-1), float("-inf")).amax(dim=-1)
             else:
                 group_scores = grouped.amax(dim=-1)
             group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
             choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(-1, self.num_experts)
         return choice.topk(self.top_k, dim=-1, sorted=False).indices
+
+
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_available(device: torch.device) -> bool:
+    """Whether this torch has a grouped GEMM kernel for `device` (CPU from torch 2.9, CUDA on sm80+)."""
+    if GROUPED_MM is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu"
+
+
+@torch.library.custom_op("moe_mtp::grouped_mm", mutates_args=())
+def _grouped_mm_op(mat_a: torch.Tensor, mat_b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return GROUPED_MM(mat_a, mat_b, offs=offsets)
+
+
+@_grouped_mm_op.register_fake
+def _(mat_a, mat_b, offsets):
+    if mat_b.dim() == 3:  # (rows, k) x (groups, k, n) -> (rows, n)
+        return mat_a.new_empty(mat_a.shape[0], mat_b.shape[-1])
+    return mat_a.new_empty(offsets.shape[0], mat_a.shape[0], mat_b.shape[1])  # (m, rows) x (rows, n) -> (groups, m, n)
+
+
+def grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """torch's grouped GEMM. torch.compile traces it only in bf16, so other dtypes go through an opaque custom op
+    that runs the same kernel."""
+    if mat_a.dtype == torch.bfloat16 or not torch.compiler.is_compiling():
+        return GROUPED_MM(mat_a, mat_b, offs=offsets)
+    return _grouped_mm_op(mat_a, mat_b, offsets)
+
+
+class GroupedExpertLinear(torch.autograd.Function):
+    """Rows of expert e times `packed[e].T`, for all experts in one grouped GEMM, forward and backward.
+
+    `packed` is (experts, out, in) and holds the experts' own `nn.Linear` weights, `parts` of them stacked along
+    `out` per expert (gate and up share one GEMM). Those weights are passed too, so the weight gradient reaches each
+    expert's parameter as its own `.grad`: optimizers, DDP and gradient clipping see ordinary per-expert parameters.
+    Experts without rows get zero gradients. `offsets` (int32, on the device) ends each expert's rows.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, offsets, packed, parts, *expert_weights):
+        ctx.save_for_backward(rows, offsets, packed)
+        ctx.parts = parts
+        return grouped_mm(rows, packed.transpose(-2, -1), offsets)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        rows, offsets, packed = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        grad_rows = grouped_mm(grad_output, packed, offsets) if ctx.needs_input_grad[0] else None
+        grad_weights = [None] * (len(ctx.needs_input_grad) - 4)
+        if any(ctx.needs_input_grad[4:]):
+            grad_packed = grouped_mm(grad_output.t(), rows, offsets)  # (experts, out, in)
+            num_experts, out_features, in_features = grad_packed.shape
+            per_part = grad_packed.view(num_experts, ctx.parts, out_features // ctx.parts, in_features)
+            grad_weights = [g for part in range(ctx.parts) for g in per_part[:, part].unbind(0)]
+        return grad_rows, None, None, None, *grad_weights
+
+
+class SlotsOfTokens(torch.autograd.Function):
+    """Copies each token to its `top_k` slots in expert order, and back: `gather` (tokens -> sorted slots) and
+    `combine` (sorted slots -> the sum over each token's slots) are each other's backward. Both are row gathers, so
+    neither pass needs a zero-filled scatter (index_add), and the sum is deterministic."""
+
+    @staticmethod
+    def forward(ctx, rows, order, slot_position, top_k, to_slots):
+        ctx.save_for_backward(order, slot_position)
+        ctx.top_k, ctx.to_slots = top_k, to_slots
+        return SlotsOfTokens.move(rows, order, slot_position, top_k, to_slots)
+
+    @staticmethod
+    def backward(ctx, grad):
+        order, slot_position = ctx.saved_tensors
+        return SlotsOfTokens.move(grad, order, slot_position, ctx.top_k, not ctx.to_slots), None, None, None, None
+
+    @staticmethod
+    def move(rows, order, slot_position, top_k, to_slots):
+        if to_slots:
+            return rows.index_select(0, order // top_k)
+        return rows.index_select(0, slot_position).view(-1, top_k, rows.shape[-1]).sum(dim=1)
+
+
+def _repack_after_load(module: "MoeMtpExperts", incompatible_keys):
+    module.pack()
+
+
+class MoeMtpExperts(nn.ModuleList):
+    """The routed experts: one `MoeMtpMLP` per expert, so keys match the release and bitsandbytes and PEFT see plain
+    `nn.Linear` layers. Their weights are views into one (experts, 2 * width, hidden) gate/up buffer and one
+    (experts, hidden, width) down buffer, which the grouped GEMM reads directly.
+
+    `pack()` rebuilds the buffers after `.to()`/`.cuda()`/`.half()`, `load_state_dict`, `from_pretrained`, deepcopy
+    and unpickling, and on `model.pack_experts()`. If expert weights were replaced some other way, the grouped path stacks them for each
+    forward (correct, one copy) and logs how to repack. `last_path` records the path of the last forward: "grouped"
+    (packed), "grouped_stacked", or "per_expert" (bitsandbytes, PEFT, or no grouped kernel for the device).
+    """
+
+    def __init__(self, config: MoeMtpConfig):
+        super().__init__(
+            MoeMtpMLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        self.packed: dict[str, torch.Tensor] | None = None
+        self.packed_pointers: list[int] = []
+        self.last_path: str | None = None
+        self.register_load_state_dict_post_hook(_repack_after_load)
+        self.pack()
+
+    def linears(self) -> dict[str, list[nn.Module]]:
+        """Per packed buffer, its linears in buffer order: all gates then all ups, and all downs."""
+        # Plain dict lookups: this runs every forward over hundreds of experts.
+        children = [expert._modules for expert in self._modules.values()]
+        return {
+            "gate_up": [c["gate_proj"] for c in children] + [c["up_proj"] for c in children],
+            "down": [c["down_proj"] for c in children],
+        }
+
+    def packable(self) -> bool:
+        """Plain, materialized floating-point `nn.Linear` experts of one dtype and device, with a grouped kernel."""
+        linears = [linear for group in self.linears().values() for linear in group]
+        if any(type(linear) is not nn.Linear or linear.bias is not None for linear in linears):
+            return False
+        first = linears[0].weight
+        return (
+            first.is_floating_point()
+            and first.device.type != "meta"
+            and all(linear.weight.dtype == first.dtype and linear.weight.device == first.device for linear in linears)
+            and grouped_mm_available(first.device)
+        )
+
+    def is_packed(self, linears: dict[str, list[nn.Module]] | None = None) -> bool:
+        """Whether every expert is still a plain `nn.Linear` whose weight is the view `pack()` made (pointer checks)."""
+        if self.packed is None:
+            return False
+        pointers = [
+            linear._parameters["weight"].data_ptr() if type(linear) is nn.Linear else -1
+            for group in (linears or self.linears()).values()
+            for linear in group
+        ]
+        return pointers == self.packed_pointers
+
+    @torch.no_grad()
+    def pack(self) -> bool:
+        """Copies the expert weights into one buffer per projection and makes each weight a view into it. Returns
+        whether the experts are packed: bitsandbytes, PEFT or meta weights stay unpacked (per-expert path)."""
+        if self.is_packed():
+            return True
+        self.packed, self.packed_pointers = None, []
+        if not self.packable():
+            return False
+        packed, pointers = {}, []
+        for name, linears in self.linears().items():
+            num_experts, parts = len(self), len(linears) // len(self)
+            first = linears[0].weight
+            buffer = first.new_empty(num_experts, parts * first.shape[0], first.shape[1])
+            slots = buffer.view(num_experts, parts, *first.shape)
+            for position, linear in enumerate(linears):
+                part, expert = divmod(position, num_experts)
+                slots[expert, part].copy_(linear.weight)
+                linear.weight.data = slots[expert, part]
+                pointers.append(linear.weight.data_ptr())
+            packed[name] = buffer
+        self.packed, self.packed_pointers = packed, pointers
+        return True
+
+    def __setstate__(self, state):
+        # Unpickling and deepcopy clone each weight on its own.
+        super().__setstate__(state)
+        self.pack()
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)`, `.cuda()` and friends give each weight a new tensor of its own: pack them again.
+        result = super()._apply(fn, recurse)
+        self.pack()
+        return result
+
+    def grouped_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]] | None:
+        """The (experts, out, in) buffers the grouped GEMMs read and the per-expert weights they stand for, or None
+        when the experts must run one by one. Records the path in `last_path`."""
+        linears = self.linears()
+        # Pointer checks cannot be traced; under torch.compile the hooks listed above keep the packing current.
+        if self.packed is not None and (torch.compiler.is_compiling() or self.is_packed(linears)):
+            packed = self.packed
+        elif self.packable():
+            packed = None
+            logger.warning_once(
+                "moe_mtp: the expert weights are not packed (they were replaced after loading), so every forward "
+                "stacks them (one copy). Call `model.pack_experts()` to pack them again."
+            )
+        else:
+            self.last_path = "per_expert"
+            return None
+        weights = {name: [linear._parameters["weight"] for linear in group] for name, group in linears.items()}
+        if packed is None:
+            self.last_path = "grouped_stacked"
+            with torch.no_grad():
+                gates, ups = weights["gate_up"][: len(self)], weights["gate_up"][len(self) :]
+                packed = {
+                    "gate_up": torch.cat((torch.stack(gates), torch.stack(ups)), dim=1),
+                    "down": torch.stack(weights["down"]),
+                }
+        else:
+            self.last_path = "grouped"
+        return packed, weights
 
 
 class MoeMtpMoE(nn.Module):
@@ -352,9 +582,7 @@ class MoeMtpMoE(nn.Module):
         super().__init__()
         self.gate = MoeMtpTopkRouter(config)
         # One module per expert: bitsandbytes and PEFT see plain nn.Linear layers, and keys match the release.
-        self.experts = nn.ModuleList(
-            MoeMtpMLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(config.n_routed_experts)
-        )
+        self.experts = MoeMtpExperts(config)
         self.shared_experts = None
         if config.n_shared_experts:
             self.shared_experts = MoeMtpMLP(
@@ -371,6 +599,35 @@ class MoeMtpMoE(nn.Module):
         return routed
 
     def dispatch(self, tokens: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Runs the routed experts: two grouped GEMMs for plain full-precision experts, else one GEMM per expert."""
+        grouped = self.experts.grouped_weights()
+        if grouped is None:
+            return self.per_expert_dispatch(tokens, topk_indices, topk_weights)
+        return self.grouped_dispatch(tokens, topk_indices, topk_weights, *grouped)
+
+    def grouped_dispatch(self, tokens, topk_indices, topk_weights, packed, weights) -> torch.Tensor:
+        """Slots sorted by expert, gate/up as one grouped GEMM and down as another. Offsets stay on the device."""
+        top_k = topk_indices.shape[1]
+        expert_of_slot = topk_indices.flatten()
+        order = expert_of_slot.argsort(stable=True)
+        # scatter_add rather than bincount: a fixed output size, so no host sync and no graph break under compile.
+        counts = torch.zeros(len(self.experts), dtype=torch.int64, device=tokens.device)
+        offsets = counts.scatter_add_(0, expert_of_slot, torch.ones_like(expert_of_slot)).cumsum(0).to(torch.int32)
+        slot_position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        dtype = packed["gate_up"].dtype
+        sorted_tokens = SlotsOfTokens.apply(tokens.to(dtype), order, slot_position, top_k, True)
+        gate, up = GroupedExpertLinear.apply(sorted_tokens, offsets, packed["gate_up"], 2, *weights["gate_up"]).chunk(
+            2, dim=-1
+        )
+        # The gate weight scales the narrow intermediate rather than the hidden-size output: same product, less work.
+        slot_weights = topk_weights.flatten().index_select(0, order).unsqueeze(-1).to(dtype)
+        intermediate = self.experts[0].act_fn(gate) * up * slot_weights
+        outputs = GroupedExpertLinear.apply(intermediate, offsets, packed["down"], 1, *weights["down"])
+        return SlotsOfTokens.apply(outputs, order, slot_position, top_k, False).to(tokens.dtype)
+
+    def per_expert_dispatch(self, tokens, topk_indices, topk_weights) -> torch.Tensor:
+        """One GEMM per active expert through its own modules (bitsandbytes layers, PEFT wrappers)."""
+        self.experts.last_path = "per_expert"
         num_tokens, top_k = topk_indices.shape
         expert_of_slot = topk_indices.flatten()
         order = expert_of_slot.argsort(stable=True)  # slots grouped by expert
@@ -470,7 +727,9 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # expert dispatch reads per-expert token counts on the host
+    # Inference and language-model training compile without graph breaks (grouped experts, device-side offsets); the
+    # MTP loss skips depths without targets on the host, a graph break outside the layers.
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": MoeMtpDecoderLayer,
         "attentions": OutputRecorder(MoeMtpAttention, index=1, layer_name="layers"),  # main layers, not MTP
@@ -487,7 +746,7 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         `config.bias_update_speed`) from the tokens routed since the last update, summed over data-parallel ranks,
         and resets the counts. Returns each layer's MaxVio. Training loops need not call it: an optimizer-step hook
         does it once per optimizer step; calling it yourself hands the update over to you (see balancing.py)."""
-        return balancing.update_balancing_bias(self, gamma)
+        return update_balancing_bias(self, gamma)
 
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
@@ -495,31 +754,54 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             init.zeros_(module.e_score_correction_bias)
             module.tokens_per_expert = torch.zeros(module.num_experts, dtype=torch.long)
-        elif isinstance(module, MoeMtpRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(self.config)[0])
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Loads moe_mtp folders, and also released DeepSeek (`deepseek_v3`/`deepseek_v2`, FP8 or not) and
         transformers-saved folders directly: the config is translated, FP8 weights are dequantized and the MTP layer
         (released at `model.layers.{num_hidden_layers + k}`) lands in `model.mtp_layers`. Those folders are read
-        whole into memory; for very large checkpoints convert them once with `python -m moe_mtp.conversion`."""
-        model_type = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
-        if model_type in FOREIGN_MODEL_TYPES:
-            return cls._from_foreign_layout(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
-        if isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
-            _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
-        return model
+        whole into memory; for very large checkpoints convert them once with `python -m moe_mtp.conversion`.
+
+        A local folder is checked before any model is built, as the converter checks it: config.json must exist,
+        every tensor's name, shape and dtype must match it, FP8 scales must be valid. Missing weights are an error
+        unless `allow_missing_weights=True` (they are then newly initialized); missing trailing MTP modules are
+        initialized with a note (starting MTP training from a base model), a missing router bias starts at zero."""
+        allow_missing = kwargs.pop("allow_missing_weights", False)
+        family = _checked_local_family(pretrained_model_name_or_path, allow_missing, kwargs)
+        if family is None:  # not a local folder: route by the config's model_type
+            family = _saved_config_value(pretrained_model_name_or_path, "model_type", kwargs)
+        if family in FOREIGN_MODEL_TYPES:
+            path = os.path.join(pretrained_model_name_or_path, kwargs.pop("subfolder", None) or "")
+            loaded = cls._from_foreign_layout(path, *model_args, allow_missing_weights=allow_missing, **kwargs)
+            model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info)
+        else:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            model = loaded[0] if kwargs.get("output_loading_info") else loaded
+            saved_depth = _saved_config_value(pretrained_model_name_or_path, "num_nextn_predict_layers", kwargs)
+            if isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
+                _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
+        model.pack_experts()  # loading gave every expert weight a tensor of its own
+        return loaded
+
+    def pack_experts(self) -> int:
+        """Packs the routed experts' weights into one buffer per projection so that the grouped GEMM path runs.
+        Loading, `.to()` and `load_state_dict` do this already; call it after replacing expert weights by hand.
+        Returns how many MoE layers are packed (bitsandbytes-quantized or PEFT-wrapped experts are not)."""
+        return sum(module.pack() for module in self.modules() if isinstance(module, MoeMtpExperts))
 
     @classmethod
-    def _from_foreign_layout(cls, path, *model_args, config: MoeMtpConfig | None = None, **kwargs):
-        from ..conversion import load_state_dict_from_folder, read_config_dict
+    def _from_foreign_layout(
+        cls, path, *model_args, config: MoeMtpConfig | None = None, allow_missing_weights=False, **kwargs
+    ):
+        conversion = _package_module("conversion")
+        load_state_dict_from_folder, read_config_dict = (
+            conversion.load_state_dict_from_folder,
+            conversion.read_config_dict,
+        )
 
         if not os.path.isdir(path):
             raise OSError(f"{path}: released DeepSeek checkpoints load from a local folder; download it first.")
-        saved = read_config_dict(path)
+        saved = read_config_dict(path, mtp_from_weights=False)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
@@ -530,7 +812,9 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             config = MoeMtpConfig.from_dict({**saved, **config_kwargs})
         elif not isinstance(config, MoeMtpConfig):
             raise TypeError(f"config must be a MoeMtpConfig to load {path} into {cls.__name__}, got {type(config)}")
-        state_dict = load_state_dict_from_folder(path, MoeMtpConfig.from_dict(saved), dtype=dtype)
+        state_dict = load_state_dict_from_folder(
+            path, MoeMtpConfig.from_dict(saved), dtype=dtype, allow_missing=allow_missing_weights
+        )
         saved_depth, kept_depth = saved.get("num_nextn_predict_layers", 0), config.num_nextn_predict_layers
         if saved_depth > kept_depth:
             dropped = tuple(f"model.mtp_layers.{k}." for k in range(kept_depth, saved_depth))
@@ -538,8 +822,54 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             _note_dropped_mtp(saved_depth, kept_depth)
         return super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
 
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
+        """Writes a Hub-ready folder atomically (temporary folder, then rename): weights, config with `auto_map`,
+        self-contained `configuration_moe_mtp.py`/`modeling_moe_mtp.py` for `trust_remote_code=True` loads without
+        moe_mtp, and a generated model card (see `moe_mtp.hub`). A failed save leaves the target untouched."""
+        try:
+            hub = _package_module("hub")
+        except ImportError:  # running as remote code: transformers' own save copies this file
+            return super().save_pretrained(save_directory, is_main_process, state_dict, **kwargs)
+        kwargs.update(is_main_process=is_main_process, state_dict=state_dict)
+        return hub.save_pretrained(self, super().save_pretrained, save_directory, **kwargs)
 
-FOREIGN_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Uploads the folder `save_pretrained` writes (remote code and generated model card included)."""
+        try:
+            hub = _package_module("hub")
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return hub.push_to_hub(self, repo_id, **kwargs)
+
+
+def _package_module(name: str):
+    """Imports `moe_mtp.<name>` (the converter, the Hub helpers) lazily. Those stay out of the self-contained Hub
+    bundle of this file, so a model loaded with `trust_remote_code=True` gets a clear ImportError instead."""
+    try:
+        return importlib.import_module(f"moe_mtp.{name}")
+    except ImportError as error:
+        raise ImportError(f"This needs the moe-mtp package (`pip install moe-mtp`): {error}") from error
+
+
+FOREIGN_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+MISSING_WEIGHTS_HINT = " (pass allow_missing_weights=True to from_pretrained to initialize them instead)"
+
+
+def _checked_local_family(path, allow_missing: bool, kwargs: dict) -> str | None:
+    """'moe_mtp', 'deepseek_v3' or 'deepseek_v2' for a local checkpoint folder, once its config.json and weights
+    passed the converter's checks (notes are logged); None when `path` is not a local folder."""
+    folder = os.path.join(os.fspath(path), kwargs.get("subfolder") or "") if path is not None else None
+    if folder is None or not os.path.isdir(folder):
+        return None
+    try:
+        conversion = _package_module("conversion")
+    except ImportError:  # running as remote code, without moe_mtp: transformers' own loading
+        return None
+    family = conversion.folder_family(folder, config_given=kwargs.get("config") is not None)
+    if family is not None:
+        for note in conversion.check_folder(folder, allow_missing=allow_missing, missing_hint=MISSING_WEIGHTS_HINT):
+            logger.warning(note)
+    return family
 
 
 def _note_dropped_mtp(saved_depth: int, kept_depth: int):
@@ -550,18 +880,25 @@ def _note_dropped_mtp(saved_depth: int, kept_depth: int):
 
 
 def _saved_config_value(path, key: str, kwargs: dict):
-    """Reads one value from the checkpoint's own config.json (before any override)."""
+    """Reads one value from the checkpoint's own config.json (before any override). Nothing to read for `None`
+    (weights given as `state_dict`); a local folder is read directly, so neither asks the Hub."""
     import json
 
     from transformers.utils import cached_file
 
-    hub_kwargs = {
-        k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
-    }
-    try:
-        config_file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-    except OSError:
+    if path is None:
         return None
+    if os.path.isdir(path):
+        config_file = os.path.join(path, kwargs.get("subfolder") or "", "config.json")
+        config_file = config_file if os.path.isfile(config_file) else None
+    else:
+        hub_kwargs = {
+            k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
+        }
+        try:
+            config_file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        except OSError:
+            return None
     if config_file is None:
         return None
     with open(config_file) as f:
@@ -590,10 +927,10 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
         self.rotary_emb = MoeMtpRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
-        balancing.track(self)  # the balancing bias then moves after each optimizer step over these weights
+        track(self)  # the balancing bias then moves after each optimizer step over these weights
 
     def train(self, mode: bool = True):
-        balancing.track(self)  # also covers copies made without __init__ (deepcopy)
+        track(self)  # also covers copies made without __init__ (deepcopy)
         return super().train(mode)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -614,7 +951,7 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_mtp_hidden_states: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeMtpModelOutputWithPast:
         r"""
         output_mtp_hidden_states (`bool`, *optional*, defaults to `False`):
@@ -740,6 +1077,7 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear):
         self.lm_head = value
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @deprecate_kwarg("num_logits_to_keep", "5.40.0", new_name="logits_to_keep")
     def forward(
@@ -753,9 +1091,9 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_mtp_logits: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MoeMtpCausalLMOutputWithPast | tuple:
+        shift_labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeMtpCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets in transformers' convention (unshifted, -100 ignored). With MTP modules the loss is
@@ -763,16 +1101,21 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             `seq_aux_loss_alpha > 0`.
         output_mtp_logits (`bool`, *optional*, defaults to `False`):
             Return the MTP logits even without `labels`.
+        shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Already-shifted targets: position i predicts `shift_labels[i]` (MTP depth k: `shift_labels[i + k]`).
+            They replace `labels` when given, as under sequence/context parallelism, where shifting a shard locally
+            would be wrong.
         """
         config = self.config
         mtp_depth = len(self.model.mtp_layers)
-        want_mtp = mtp_depth > 0 and (output_mtp_logits or (labels is not None and config.mtp_loss_weight > 0))
+        has_targets = labels is not None or shift_labels is not None
+        want_mtp = mtp_depth > 0 and (output_mtp_logits or (has_targets and config.mtp_loss_weight > 0))
         if want_mtp and cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
                 "MTP logits are computed over whole sequences and do not use a cache: call the model without "
                 "`cache`/`past_key_values` (or with output_mtp_logits=False and no labels)."
             )
-        want_balance = labels is not None and self.training and config.seq_aux_loss_alpha > 0
+        want_balance = has_targets and self.training and config.seq_aux_loss_alpha > 0
         if want_balance:
             kwargs["output_router_logits"] = True
         outputs: MoeMtpModelOutputWithPast = self.model(
@@ -783,6 +1126,7 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_mtp_hidden_states=want_mtp,
+            return_dict=True,  # a tuple, if asked for (or set in the config), is made by `can_return_tuple` here
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -791,11 +1135,15 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         mtp_logits = tuple(self.lm_head(h) for h in outputs.mtp_hidden_states) if want_mtp else None
 
         loss = main_loss = aux_loss = mtp_losses = None
-        if labels is not None:
+        if has_targets:
+            if shift_labels is None:
+                shift_labels = F.pad(labels[..., 1:], (0, 1), value=-100)
             loss_kwargs = {k: v for k, v in kwargs.items() if k == "num_items_in_batch"}
-            loss = main_loss = self.loss_function(logits, labels, vocab_size=config.vocab_size, **loss_kwargs)
+            loss = main_loss = self.loss_function(
+                logits, labels, vocab_size=config.vocab_size, shift_labels=shift_labels, **loss_kwargs
+            )
             if mtp_logits:
-                per_depth = self.mtp_losses(mtp_logits, labels, attention_mask, loss_kwargs)
+                per_depth = self.mtp_losses(mtp_logits, shift_labels, attention_mask, loss_kwargs)
                 counted = [depth_loss for depth_loss in per_depth if depth_loss is not None]
                 mtp_losses = tuple(
                     depth_logits.sum() * 0 if depth_loss is None else depth_loss
@@ -822,14 +1170,14 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output
 
-    def mtp_losses(self, mtp_logits, labels, attention_mask, loss_kwargs) -> list[torch.Tensor | None]:
-        """Cross-entropy of each MTP depth k: slot i predicts labels[i + k + 1]. Slots whose hidden state is padding
-        are ignored; a depth with no target left gives None (instead of a NaN mean over nothing)."""
+    def mtp_losses(self, mtp_logits, shift_labels, attention_mask, loss_kwargs) -> list[torch.Tensor | None]:
+        """Cross-entropy of each MTP depth k: slot i predicts shift_labels[i + k] (token i + k + 1). Slots whose
+        hidden state is padding are ignored; a depth with no target left gives None (instead of a NaN mean)."""
         losses = []
         for depth, depth_logits in enumerate(mtp_logits, start=1):
-            targets = F.pad(labels[:, depth + 1 :], (0, 1), value=-100)  # aligned with the S - k slots
+            targets = shift_labels[:, depth:].contiguous()  # aligned with the S - k slots
             slots = mtp_slot_mask(attention_mask, depth)
             if slots is not None:
                 targets = targets.masked_fill(slots.to(targets.device) == 0, -100)

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from moe_mtp.configuration import MoeMtpConfig
 from moe_mtp.conversion import deepseek_config_dict, quantize_block_fp8
@@ -46,6 +46,8 @@ def released_as_fp8(name: str) -> bool:
     block, proj = parts[3], parts[-2]
     return (block == "self_attn" and proj in FP8_ATTENTION) or (block == "mlp" and proj in FP8_MLP)
 
+
+INDEX = "model.safetensors.index.json"
 
 TOKENIZER_FILES = {
     "tokenizer.json": '{"version": "1.0"}',
@@ -147,8 +149,6 @@ def write_moe_mtp(folder, config, seed=0, dtype=torch.bfloat16, shards=2):
 
 def load_folder(folder) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors folder (plain safetensors loading, not the converter's reader)."""
-    from safetensors.torch import load_file
-
     out = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(path))
@@ -159,3 +159,27 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def shard_of(folder: Path, key: str) -> Path:
+    return folder / json.loads((folder / INDEX).read_text())["weight_map"][key]
+
+
+def edit_shard(folder: Path, key: str, new_value=None, new_key=None):
+    """Replace (or with new_value None, delete) tensor `key` in its shard, keeping the index right."""
+    path = shard_of(folder, key)
+    tensors = load_file(path)
+    del tensors[key]
+    index = json.loads((folder / INDEX).read_text())
+    del index["weight_map"][key]
+    if new_value is not None:
+        tensors[new_key or key] = new_value
+        index["weight_map"][new_key or key] = path.name
+    save_file(tensors, path, metadata={"format": "pt"})
+    (folder / INDEX).write_text(json.dumps(index))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes), to check that a folder was left exactly as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -10,8 +10,6 @@ from conftest import reference_config
 
 from moe_mtp.configuration import MoeMtpConfig
 
-# In CI the reference data sits next to the clone: <parent>/shared/reference.
-
 # A small valid config: 8 experts in 2 groups, one group per token, so 4 experts are reachable.
 TINY = dict(
     vocab_size=1000, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
@@ -64,8 +62,14 @@ INVALID = [
     # noaux_tc ranks groups by the sum of their top-2 scores: one-expert groups are meaningless.
     _case("n_group", {"n_group": 8, "topk_group": 4, "num_experts_per_tok": 4}, "n_group-noaux_tc-single-expert"),
     *[_case(f, {f: -0.1}, f"{f}-negative") for f in TRAINING_KNOBS],
-    _case("rope_parameters", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_type-unknown"),
+    _case("rope_parameters", {"rope_parameters": {"rope_type": "ntk_by_parts", "factor": 2.0}}, "rope_type-unknown"),
     _case("rope_parameters", {"rope_parameters": {"rope_type": "yarn"}}, "rope-yarn-without-factor"),
+    _case("rope_parameters", {"rope_parameters": {"rope_type": "linear"}}, "rope-linear-without-factor"),
+    _case(
+        "rope_parameters",
+        {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "partial_rotary_factor": 0.5}},
+        "rope-partial-rotary-factor",
+    ),
 ]
 
 
@@ -91,6 +95,8 @@ def test_invalid_value_names_the_field(field, overrides):
         ),
         pytest.param({k: 0 for k in TRAINING_KNOBS}, id="training-knobs-off"),
         pytest.param({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, id="yarn"),
+        pytest.param({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, id="linear"),
+        pytest.param({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, id="dynamic"),
     ],
 )
 def test_valid_edge_cases(overrides):

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conversion_fixtures import tiny_config, write_released
+from conversion_fixtures import INDEX, edit_shard, shard_of, snapshot, tiny_config, write_released
 from safetensors.torch import load_file, save_file
 
 from moe_mtp.conversion import ConversionError, convert
 from moe_mtp.conversion import fp8 as fp8_module
 from moe_mtp.conversion.cli import main
 
-INDEX = "model.safetensors.index.json"
 SCALE = "model.layers.1.mlp.experts.2.up_proj.weight_scale_inv"
 
 
@@ -30,25 +29,6 @@ def pristine(tmp_path_factory):
 @pytest.fixture
 def src(pristine, tmp_path):
     return Path(shutil.copytree(pristine, tmp_path / "src"))
-
-
-def shard_of(folder: Path, key: str) -> Path:
-    return folder / json.loads((folder / INDEX).read_text())["weight_map"][key]
-
-
-def edit_shard(folder: Path, key: str, new_value=None, new_key=None):
-    """Replace (or with new_value None, delete) tensor `key` in its shard, keeping the index right."""
-    path = shard_of(folder, key)
-    tensors = load_file(path)
-    del tensors[key]
-    index = json.loads((folder / INDEX).read_text())
-    del index["weight_map"][key]
-    if new_value is not None:
-        tensors[new_key or key] = new_value
-        index["weight_map"][new_key or key] = path.name
-    save_file(tensors, path, metadata={"format": "pt"})
-    (folder / INDEX).write_text(json.dumps(index))
-    return path
 
 
 def assert_fails(src: Path, tmp_path: Path, *patterns: str, **kwargs):
@@ -208,11 +188,6 @@ def test_interrupt_while_writing_removes_the_partial_output(src, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "dst", progress=False)
     assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` (relative path -> bytes), to check that a folder was left exactly as it was."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def fail_after(monkeypatch, n: int, watch: Path | None = None) -> list:

@@ -129,3 +129,14 @@ def test_missing_or_misshapen_scale_names_the_tensor():
         quantize_block_fp8(torch.full((4, 4), float("inf")), name="w")
     with pytest.raises(ConversionError, match="scale_fmt"):
         quantize_block_fp8(torch.ones(4, 4), scale_fmt="e5m2")
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_invalid_scales_and_block_sizes_are_named_errors(bad):
+    q = torch.zeros(200, 192).to(torch.float8_e4m3fn)
+    scale = torch.ones(2, 2)
+    scale[1, 0] = bad
+    with pytest.raises(ConversionError, match=r"'w'.*1 invalid FP8 scale.*finite and positive"):
+        dequantize_block_fp8(q, scale, name="w")
+    with pytest.raises(ConversionError, match="block size must be positive"):
+        dequantize_block_fp8(q, torch.ones(2, 2), block=(0, 0), name="w")

@@ -80,3 +80,43 @@ def test_greedy_generation_is_identical(kind):
     input_ids, mask = left_padded_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(input_ids, **kwargs), reference.generate(input_ids, **kwargs))
+
+
+# Every rope type transformers' DeepseekV3 runs, past the trained length (32 here) so scaling matters: `dynamic`
+# rescales as the sequence grows (prefill and again while decoding), `longrope` switches to its long factors.
+MAX_POSITIONS = 32
+ROPE_TYPES = {
+    "default": {},
+    "linear": {"factor": 4.0, "mscale_all_dim": 0.7},  # mscale_all_dim folds into the softmax scale for any type
+    "dynamic": {"factor": 4.0},
+    "yarn": {"factor": 4.0, "mscale": 0.8, "mscale_all_dim": 0.7, "original_max_position_embeddings": 8},
+    "longrope": {"short_factor": [1.0, 1.1, 1.2, 1.5], "long_factor": [1.0, 2.0, 4.0, 8.0],
+                 "original_max_position_embeddings": 8},
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+    "proportional": {"factor": 2.0},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rope_type", list(ROPE_TYPES))
+def test_every_rope_type_matches_for_long_inputs(rope_type):
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, **ROPE_TYPES[rope_type]}
+    config = tiny_config("v3", max_position_embeddings=MAX_POSITIONS, rope_parameters=rope, attn_implementation="sdpa")
+    ours = MoeMtpForCausalLM(config).eval()
+    reference = DeepseekV3ForCausalLM(transformers_config(ours.config)).eval()
+    reference.set_attn_implementation("sdpa")
+    reference.load_state_dict(convert_state_dict(ours.state_dict(), ours.config, "moe_mtp", "transformers"))
+    input_ids = torch.randint(3, 128, (2, 3 * MAX_POSITIONS))
+    prefill = 2 * MAX_POSITIONS
+    with torch.no_grad():
+        a, b = ours(input_ids[:, :prefill], use_cache=True), reference(input_ids[:, :prefill], use_cache=True)
+        diffs = [(a.logits - b.logits).abs().max()]
+        for t in range(prefill, input_ids.shape[1], 8):
+            a = ours(input_ids[:, t : t + 8], cache=a.cache, use_cache=True)
+            b = reference(input_ids[:, t : t + 8], cache=b.cache, use_cache=True)
+            diffs.append((a.logits - b.logits).abs().max())
+    assert max(diffs) <= ATOL
+    if rope_type != "default":  # the scaling is live: plain rope gives other logits on the same weights
+        plain = MoeMtpForCausalLM(tiny_config("v3", max_position_embeddings=MAX_POSITIONS, rope_parameters=None))
+        plain.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            assert not torch.allclose(plain.eval()(input_ids).logits, ours(input_ids).logits, atol=1e-3)

@@ -5,7 +5,7 @@ import torch
 from conftest import randomize_router_bias, tiny_config
 
 from moe_mtp import MoeMtpForCausalLM
-from moe_mtp.balancing import balancing_state
+from moe_mtp.modeling.balancing import balancing_state
 from moe_mtp.training import MoeMtpCallback, StepSchedule
 
 ATTENTION = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]

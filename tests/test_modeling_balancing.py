@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_config
 
 from moe_mtp import MoeMtpForCausalLM
-from moe_mtp.balancing import automatic_bias_update, balancing_state, named_routers, take_balance_metrics
+from moe_mtp.modeling.balancing import automatic_bias_update, balancing_state, named_routers, take_balance_metrics
 
 
 def make_model(**overrides) -> MoeMtpForCausalLM:
