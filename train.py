@@ -305,6 +305,30 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, histo
     return final
 
 
+def save_model_states(models, weights, output_dir) -> None:
+    """Accelerate hook: writes the model into the checkpoint ourselves. The routed experts are views into packed
+    weights (shared storage), which accelerate's safetensors writer would keep only one name of."""
+    from accelerate.state import PartialState
+    from safetensors.torch import save_file
+
+    if PartialState().is_main_process:
+        for index, state in enumerate(weights):
+            name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+            save_file({k: v.detach().cpu().clone() for k, v in state.items()}, str(Path(output_dir) / name))
+    weights.clear()  # accelerate then writes no model file itself
+
+
+def load_model_states(models, input_dir) -> None:
+    """Accelerate hook: the counterpart of `save_model_states` (copies into the existing, packed storage)."""
+    from safetensors.torch import load_file
+
+    for index, model in enumerate(models):
+        name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+        device = next(model.parameters()).device
+        model.load_state_dict(load_file(str(Path(input_dir) / name), device=str(device)))
+    models.clear()  # accelerate then loads no model itself
+
+
 def write_json(path: Path, value) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(value, indent=2))
@@ -457,6 +481,9 @@ def train(args) -> dict:
         optimizer, args.warmup_steps, args.max_steps, min_lr_rate=args.min_lr_ratio
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.distributed_type != DistributedType.FSDP:  # FSDP checkpoints go through accelerate's FSDP path
+        accelerator.register_save_state_pre_hook(save_model_states)
+        accelerator.register_load_state_pre_hook(load_model_states)
     core = accelerator.unwrap_model(model)
     recorder = LossRecorder(core)
     layers = [name for name, _ in named_routers(core.model)]

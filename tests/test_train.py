@@ -71,8 +71,12 @@ def test_smoke_run_writes_a_loadable_model_metrics_and_plots(reference_run):
     assert [r["step"] for r in records if "eval_ppl" in r] == [5, 10]
     summary = json.loads((reference_run / "summary.json").read_text())
     assert summary["eval"]["eval_ppl"] < 512 and summary["replicas_identical"]
-    # Only complete checkpoints, the last two kept.
+    # Only complete checkpoints, the last two kept, each with every tensor (the packed experts' views included).
     assert sorted(p.name for p in (reference_run / "checkpoints").iterdir()) == ["step-00000009", "step-00000010"]
+    checkpoint = load_file(reference_run / "checkpoints" / "step-00000010" / "model.safetensors")
+    assert checkpoint.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(checkpoint[name], tensor), name
 
 
 def test_sigkill_then_resume_ends_bit_identical(reference_run, tmp_path):
