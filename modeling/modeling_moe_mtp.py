@@ -31,6 +31,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration import MoeMtpConfig
 from ..configuration.configuration_moe_mtp import check_rope_parameters
+from .balancing import track, update_balancing_bias
 from .speculative import MTP_GENERATE_KWARGS
 
 logger = logging.get_logger(__name__)
@@ -317,8 +318,10 @@ class MoeMtpTopkRouter(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
-        # Tokens routed to each expert by training-mode forwards since the balancing bias was last updated.
-        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+        # Tokens routed to each expert by training-mode forwards since the balancing bias was last updated (see
+        # balancing.py). Integers, so `model.to(bfloat16)` cannot round them; a plain tensor rather than a buffer, so
+        # DDP's buffer broadcast cannot overwrite one rank's counts with another's. It follows the router's device.
+        self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long)
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
@@ -336,6 +339,13 @@ class MoeMtpTopkRouter(nn.Module):
         topk_weights = topk_weights * self.routed_scaling_factor
         # Skip the recomputation that gradient checkpointing runs inside backward, which would count twice.
         if self.training and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1):
+            if self.tokens_per_expert.device != topk_indices.device:  # follows the router (a plain tensor)
+                held = self.tokens_per_expert
+                self.tokens_per_expert = (
+                    torch.zeros(self.num_experts, dtype=torch.long, device=topk_indices.device)
+                    if held.is_meta
+                    else held.to(topk_indices.device)
+                )
             # A masked scatter_add rather than bincount of the real tokens: fixed shapes, so torch.compile keeps it.
             counted = torch.ones_like(topk_indices, dtype=self.tokens_per_expert.dtype)
             if token_mask is not None:
@@ -741,12 +751,19 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
     # Extra MTP modules in a checkpoint are dropped with a note (see `from_pretrained`), not reported as errors.
     _keys_to_ignore_on_load_unexpected = [r"^model\.mtp_layers\."]
 
+    def update_balancing_bias(self, gamma: float | None = None) -> dict[str, float]:
+        """Moves each MoE layer's balancing bias by `gamma * sign(mean_load - load)` (gamma defaults to
+        `config.bias_update_speed`) from the tokens routed since the last update, summed over data-parallel ranks,
+        and resets the counts. Returns each layer's MaxVio. Training loops need not call it: an optimizer-step hook
+        does it once per optimizer step; calling it yourself hands the update over to you (see balancing.py)."""
+        return update_balancing_bias(self, gamma)
+
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
         if isinstance(module, MoeMtpTopkRouter):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             init.zeros_(module.e_score_correction_bias)
-            init.zeros_(module.tokens_per_expert)
+            module.tokens_per_expert = torch.zeros(module.num_experts, dtype=torch.long)
 
     def get_memory_footprint(self, return_buffers: bool = True) -> int:
         """Bytes held by the model, counting the quantization state bitsandbytes keeps outside the parameters and
@@ -988,6 +1005,11 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
         self.rotary_emb = MoeMtpRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
+        track(self)  # the balancing bias then moves after each optimizer step over these weights
+
+    def train(self, mode: bool = True):
+        track(self)  # also covers copies made without __init__ (deepcopy)
+        return super().train(mode)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens

@@ -181,7 +181,7 @@ def test_push_to_hub_uploads_the_bundle(tmp_path, model, monkeypatch):
     assert set(files) == {
         "README.md", "config.json", "generation_config.json", "model.safetensors", *hub.remote_code_files(),
     }  # fmt: skip
-    assert {"modeling_moe_mtp.py", "configuration_moe_mtp.py", "speculative.py"} <= set(files)
+    assert {"modeling_moe_mtp.py", "configuration_moe_mtp.py", "speculative.py", "balancing.py"} <= set(files)
     card = files["README.md"].decode()
     assert hub.CARD_MARKER in card and "active per token" in card
     assert json.loads(files["config.json"])["auto_map"] == hub.AUTO_MAP

@@ -37,6 +37,8 @@ from transformers import AutoConfig
 config = AutoConfig.for_model("moe_mtp")
 result = {
     "file": moe_mtp.__file__,
+    "training_modules": [m for m in ("moe_mtp.train", "moe_mtp.training", "moe_mtp.modeling.balancing")
+                         if importlib.util.find_spec(m)],
     "config_is_moe_mtp": isinstance(config, MoeMtpConfig),
     "stray": [name for name in ("modeling", "configuration", "conversion") if importlib.util.find_spec(name)],
 }
@@ -128,4 +130,5 @@ def test_wheel_installs_into_fresh_venv(built, tmp_path):
     assert result["config_is_moe_mtp"], "AutoConfig.for_model('moe_mtp') did not build a MoeMtpConfig"
     assert result["stray"] == [], f"generic top-level modules importable: {result['stray']}"
     assert result["import_modeling"] == "failed"
+    assert result["training_modules"] == ["moe_mtp.train", "moe_mtp.training", "moe_mtp.modeling.balancing"]
     assert (venv / "bin" / "moe-mtp-convert").exists(), "console script moe-mtp-convert was not installed"

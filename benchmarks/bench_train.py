@@ -1,0 +1,165 @@
+"""Training speed: `python -m moe_mtp.train` and the recipe's overhead, against transformers' DeepseekV3ForCausalLM.
+
+One process, CPU fp32, same config, weights and batch. Each optimizer step (AdamW, gradient clipping) is timed in:
+- `recipe`: our model with everything the training script adds: MTP loss, sequence balance loss, the balancing-bias
+  update after the optimizer step and the per-step metrics (loss parts, MaxVio);
+- `no-MTP recipe`: the same without the MTP loss (its module is not run);
+- `plain`: our model, main loss only, no bias update and no metrics;
+- `transformers`: DeepseekV3ForCausalLM (no MTP, frozen bias), main loss only.
+Variants alternate and the median is reported, so they see the same machine load. The recipe's bookkeeping (bias
+update + metrics + balance loss) is `no-MTP recipe / plain - 1` (target <= 10%). The MTP module is model compute
+that the objective asks for (one more block and an LM-head pass): its share is printed, not held to the target.
+The first row runs `python -m moe_mtp.train`'s own loop in-process and reads its tokens/s.
+
+    python benchmarks/bench_train.py [--threads N] [--repeats R] [--steps S]
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import DeepseekV3ForCausalLM
+from transformers.utils import logging
+
+from moe_mtp import MoeMtpConfig, MoeMtpForCausalLM
+from moe_mtp.conversion import convert_state_dict, transformers_config
+from moe_mtp.modeling.balancing import automatic_bias_update, take_balance_metrics
+from moe_mtp.training import LossRecorder
+
+COMMON = dict(
+    vocab_size=4096, intermediate_size=512, first_k_dense_replace=1, num_attention_heads=4, qk_nope_head_dim=32,
+    qk_rope_head_dim=16, v_head_dim=32, n_shared_experts=1, max_position_embeddings=512, num_nextn_predict_layers=1,
+    mtp_loss_weight=0.3, seq_aux_loss_alpha=1e-4, bias_update_speed=1e-3,
+)  # fmt: skip
+CONFIGS = {
+    # The training script's default model.
+    "script default": dict(
+        hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4, n_routed_experts=16, num_experts_per_tok=2,
+        n_group=4, topk_group=2, q_lora_rank=128, kv_lora_rank=64,
+    ),
+    # DeepSeek-V3's routing proportions: 256 routed experts, top-8, 8 groups of which 4 are eligible.
+    "V3 routing (256 experts)": dict(
+        hidden_size=128, moe_intermediate_size=32, num_hidden_layers=4, n_routed_experts=256, num_experts_per_tok=8,
+        n_group=8, topk_group=4, q_lora_rank=64, kv_lora_rank=32,
+    ),
+}  # fmt: skip
+BATCH, SEQ = 4, 128
+SCRIPT_FLAGS = ["--hidden-size", "256", "--moe-intermediate-size", "128", "--num-layers", "4", "--vocab-size", "4096"]
+
+
+def build(config: dict):
+    torch.manual_seed(0)
+    ours = MoeMtpForCausalLM(MoeMtpConfig(**COMMON, **config, attn_implementation="sdpa"))
+    theirs = DeepseekV3ForCausalLM(transformers_config(ours.config))
+    theirs.set_attn_implementation("sdpa")
+    state = convert_state_dict(ours.state_dict(), ours.config, "moe_mtp", "transformers")
+    theirs.load_state_dict(state, strict=False)  # transformers' class has no MTP module
+    return ours, theirs
+
+
+class Variant:
+    def __init__(self, name, model, mtp: bool, recipe: bool):
+        self.name, self.model, self.mtp, self.recipe = name, model, mtp, recipe
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.recorder = LossRecorder(model) if recipe else None
+        self.times = []
+
+    def step(self, input_ids):
+        model = self.model.train()
+        if isinstance(model, MoeMtpForCausalLM):
+            model.config.mtp_loss_weight = 0.3 if self.mtp else 0.0
+            model.config.seq_aux_loss_alpha = 1e-4 if self.recipe else 0.0
+        start = time.perf_counter()
+        model(input_ids, labels=input_ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        with automatic_bias_update(self.recipe):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.recipe:
+            self.recorder.take()
+            take_balance_metrics(model)
+        else:
+            for router in getattr(model, "moe_routers", list)():
+                router.tokens_per_expert.zero_()
+        self.times.append(time.perf_counter() - start)
+
+
+def script_tokens_per_s(steps: int) -> float:
+    """tokens/s that `python -m moe_mtp.train` itself reports, after its first logging window."""
+    from moe_mtp.train import parse_args, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = [*SCRIPT_FLAGS, "--seq-len", str(SEQ), "--batch-size", str(BATCH), "--max-steps", str(steps)]
+        flags += ["--log-every", "2", "--eval-every", "0", "--save-every", "0", "--no-plots", "--no-progress"]
+        train(parse_args([*flags, "--output-dir", str(Path(tmp) / "run")]))
+        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
+    return statistics.median(rates)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=6, help="timed steps per variant (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=12, help="steps of the in-process training-script run")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.set_verbosity_error()
+    tokens = BATCH * SEQ
+    print(f"batch {BATCH} x {SEQ} tokens, torch threads {torch.get_num_threads()}, CPU fp32\n")
+
+    header = f"{'config':<26}{'row':<34}{'tok/s':>10}{'ratio':>9}{'target':>9}"
+    print(header)
+    print("-" * len(header))
+    for label, config in CONFIGS.items():
+        ours, theirs = build(config)
+        variants = [
+            Variant("recipe", ours, mtp=True, recipe=True),
+            Variant("no-MTP recipe", ours, mtp=False, recipe=True),
+            Variant("plain", ours, mtp=False, recipe=False),
+            Variant("transformers", theirs, mtp=False, recipe=False),
+        ]
+        input_ids = torch.randint(0, ours.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+        for variant in variants:
+            variant.step(input_ids)  # warm-up
+            variant.times.clear()
+        for _ in range(args.repeats):
+            for variant in variants:
+                variant.step(input_ids)
+        median = {v.name: statistics.median(v.times) for v in variants}
+        rows = [
+            (
+                "recipe vs transformers (tok/s)",
+                tokens / median["recipe"],
+                median["transformers"] / median["recipe"],
+                "",
+            ),
+            ("plain vs transformers (tok/s)", tokens / median["plain"], median["transformers"] / median["plain"], ""),
+            ("bias update+metrics+balance loss", None, median["no-MTP recipe"] / median["plain"] - 1, "<= 0.10"),
+            ("MTP module share of recipe step", None, 1 - median["no-MTP recipe"] / median["recipe"], "(model)"),
+        ]
+        for name, rate, ratio, target in rows:
+            rate_text = f"{rate:>10.0f}" if rate is not None else f"{'':>10}"
+            print(f"{label:<26}{name:<34}{rate_text}{ratio:>9.3f}{target:>9}")
+
+    ours, theirs = build(CONFIGS["script default"])
+    reference = Variant("transformers", theirs, mtp=False, recipe=False)
+    input_ids = torch.randint(0, 4096, (BATCH, SEQ))
+    for _ in range(args.repeats + 1):
+        reference.step(input_ids)
+    script = script_tokens_per_s(args.steps)
+    reference_rate = tokens / statistics.median(reference.times[1:])
+    print(
+        f"{'script default':<26}{'python -m moe_mtp.train (tok/s)':<34}{script:>10.0f}{script / reference_rate:>9.3f}{'':>9}"
+    )
+    print(f"{'script default':<26}{'transformers plain loop (tok/s)':<34}{reference_rate:>10.0f}")
+    print("\nratio: ours relative to transformers (tok/s), or the overhead fraction; target only where stated.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Auxiliary-loss-free load balancing (DeepSeek-V3, section 2.1.2): the balancing bias moves once per optimizer step.
+
+Every router counts the tokens it sends to each expert in training-mode forwards (`tokens_per_expert`; the
+recomputation inside backward under activation checkpointing is not counted). After each optimizer step,
+`update_balancing_bias` sums those counts over data-parallel ranks, moves every MoE layer's
+`e_score_correction_bias` by `gamma * sign(mean_load - load_i)` (gamma = `config.bias_update_speed`, 0 freezes it) and
+resets the counts. The bias is a buffer: saved with the model, never seen by the optimizer.
+
+Who calls it: torch's global optimizer-step post hook (`torch.optim.optimizer.register_optimizer_step_post_hook`).
+It runs after every real `optimizer.step()` of any torch optimizer, so a plain `Trainer`, an Accelerate loop (whose
+wrapped optimizer only steps on gradient-sync steps under accumulation) and `python -m moe_mtp.train` get the update
+with no user code. The hook finds the moe_mtp models whose parameters that optimizer holds (LoRA adapters included:
+they live inside the model) among the models built or put in train mode in this process, and updates those in train
+mode. A user who calls `model.update_balancing_bias()` takes over: from then on the hook leaves that model alone.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+_tracked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_tracking_generation = 0  # bumped when a model is first tracked, so cached optimizer lookups are redone
+_optimizer_models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_hook_handle = None
+_automatic = True
+
+
+@dataclass
+class BalancingState:
+    """Per-model record of the bias updates, read by the Trainer callback and the training script."""
+
+    updates: int = 0
+    """Bias updates that saw routed tokens (one per optimizer step in training)."""
+    manual: bool = False
+    """Set once the user calls `update_balancing_bias` directly; the automatic hook then skips the model."""
+    last_load: torch.Tensor | None = None
+    """Tokens per expert of the last update, summed over ranks: (moe_layers, experts)."""
+    load_since_read: torch.Tensor | None = None
+    """Tokens per expert summed over the updates since `take_balance_metrics` last read them."""
+    max_vio_since_read: list[torch.Tensor] = field(default_factory=list)
+    """Per-layer MaxVio of each update since the last read."""
+
+
+def track(model: nn.Module) -> None:
+    """Registers a model (the module owning the routers) for the automatic update. Called by `MoeMtpModel`."""
+    global _tracking_generation
+    if model not in _tracked:
+        _tracked.add(model)
+        _tracking_generation += 1
+    _install_hook()
+
+
+def _install_hook() -> None:
+    global _hook_handle
+    if _hook_handle is None:
+        _hook_handle = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+@contextmanager
+def automatic_bias_update(enabled: bool):
+    """Turns the automatic post-step update off (or on) inside the block, e.g. around a second optimizer's step."""
+    global _automatic
+    previous, _automatic = _automatic, enabled
+    try:
+        yield
+    finally:
+        _automatic = previous
+
+
+def set_automatic_bias_update(enabled: bool) -> None:
+    """Turns the automatic post-step update off (or on) for the whole process."""
+    global _automatic
+    _automatic = enabled
+
+
+def balancing_state(model: nn.Module) -> BalancingState:
+    state = getattr(model, "_balancing_state", None)
+    if state is None:
+        state = BalancingState()
+        model._balancing_state = state
+    return state
+
+
+def named_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(`layers.3`, router) pairs in execution order: main layers, then the MTP modules."""
+    return [
+        (name.removesuffix(".mlp.gate"), module)
+        for name, module in model.named_modules()
+        if hasattr(module, "e_score_correction_bias") and hasattr(module, "tokens_per_expert")
+    ]
+
+
+def owner_of_routers(model: nn.Module) -> nn.Module:
+    """The tracked module (MoeMtpModel) inside a causal LM, a PEFT or DDP wrapper; the model itself otherwise."""
+    for module in model.modules():
+        if module in _tracked:
+            return module
+    return model
+
+
+@torch.no_grad()
+def update_balancing_bias(model: nn.Module, gamma: float | None = None, *, manual: bool = True) -> dict[str, float]:
+    """Moves every router's `e_score_correction_bias` by `gamma * sign(mean_load - load)` from the tokens counted since
+    the last update (summed over ranks when torch.distributed is initialized), then resets the counts.
+
+    `gamma` defaults to `config.bias_update_speed`. Returns each MoE layer's MaxVio (max load / mean load - 1) of the
+    step. Every data-parallel rank must call it together (it all-reduces). Calling it yourself turns the automatic
+    post-optimizer-step update off for this model.
+    """
+    owner = owner_of_routers(model)
+    state = balancing_state(owner)
+    state.manual = state.manual or manual
+    routers = named_routers(owner)
+    if not routers:
+        return {}
+    if gamma is None:
+        gamma = owner.config.bias_update_speed
+    device = routers[0][1].e_score_correction_bias.device  # where the collective backend wants it (NCCL: CUDA)
+    load = torch.stack([router.tokens_per_expert.to(device=device, dtype=torch.float64) for _, router in routers])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(load)
+    for _, router in routers:
+        router.tokens_per_expert.zero_()
+    if load.sum() == 0:
+        return {}  # nothing was routed in training mode since the last update
+    mean = load.mean(dim=-1, keepdim=True)
+    if gamma:
+        direction = torch.sign(mean - load).float()
+        for (_, router), step in zip(routers, direction, strict=True):
+            bias = router.e_score_correction_bias
+            bias += gamma * step.to(bias.device, bias.dtype)
+    max_vio = (load.amax(dim=-1) / mean.squeeze(-1).clamp(min=1e-12) - 1).float().cpu()
+    state.updates += 1
+    state.last_load = load.float().cpu()
+    state.load_since_read = (
+        state.last_load if state.load_since_read is None else state.load_since_read + state.last_load
+    )
+    state.max_vio_since_read.append(max_vio)
+    return {name: float(value) for (name, _), value in zip(routers, max_vio, strict=True)}
+
+
+def take_balance_metrics(model: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
+    """Mean per-layer MaxVio over the bias updates since the last call, and their summed expert load (layers,
+    experts); both reset. Every rank sees the same values (the loads were all-reduced)."""
+    owner = owner_of_routers(model)
+    state = balancing_state(owner)
+    load, state.load_since_read = state.load_since_read, None
+    if not state.max_vio_since_read:
+        return {}, load
+    mean_vio = torch.stack(state.max_vio_since_read).mean(dim=0)
+    state.max_vio_since_read = []
+    names = [name for name, _ in named_routers(owner)]
+    return {f"max_vio/{name}": float(v) for name, v in zip(names, mean_vio, strict=True)}, load
+
+
+def _models_stepped_by(optimizer: torch.optim.Optimizer) -> list[nn.Module]:
+    signature = (_tracking_generation, tuple(len(group["params"]) for group in optimizer.param_groups))
+    cached = _optimizer_models.get(optimizer)
+    if cached is None or cached[0] != signature:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        models = [m for m in list(_tracked) if any(id(p) in held for p in m.parameters())]
+        cached = (signature, [weakref.ref(m) for m in models])
+        _optimizer_models[optimizer] = cached
+    return [m for m in (ref() for ref in cached[1]) if m is not None]
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if not _automatic or not len(_tracked):
+        return
+    for model in _models_stepped_by(optimizer):
+        if model.training and not balancing_state(model).manual:
+            update_balancing_bias(model, manual=False)
+
+
+__all__ = [
+    "BalancingState",
+    "automatic_bias_update",
+    "balancing_state",
+    "named_routers",
+    "set_automatic_bias_update",
+    "take_balance_metrics",
+    "update_balancing_bias",
+]

@@ -1,0 +1,164 @@
+"""train.py, end to end in subprocesses: a smoke run's outputs, SIGKILL + resume bit for bit, two gloo processes."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_mtp.train import BlockSampler, parse_args, train
+
+STEPS = 10
+# A smoke run with a checkpoint every step, so a kill lands between, or inside, checkpoint writes.
+RUN = ["--smoke", "--max-steps", str(STEPS), "--save-every", "1", "--eval-every", "5", "--no-progress"]
+
+
+def launch(output_dir: Path, *extra: str, processes: int = 1) -> subprocess.Popen:
+    if processes == 1:
+        command = [sys.executable, "-m", "moe_mtp.train"]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        command += ["-m", "moe_mtp.train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run: the same float results
+    return subprocess.Popen(
+        [*command, *RUN, "--output-dir", str(output_dir), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """One uninterrupted single-process run, shared by the tests below."""
+    output_dir = tmp_path_factory.mktemp("reference") / "run"
+    finish(launch(output_dir, "--batch-size", "4"))
+    return output_dir
+
+
+def test_smoke_run_writes_a_loadable_model_metrics_and_plots(reference_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("loss.png", "expert_load.png", "metrics.csv", "metrics.jsonl", "summary.json", "model", "tokenizer"):
+        assert (reference_run / name).exists(), name
+    model = AutoModelForCausalLM.from_pretrained(reference_run / "model")
+    tokenizer = AutoTokenizer.from_pretrained(reference_run / "model")
+    assert len(tokenizer) == model.config.vocab_size == 512
+    assert any(r.e_score_correction_bias.abs().sum() > 0 for r in model.moe_routers())  # the bias moved and was saved
+
+    records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))
+    for key in ("main_loss", "mtp_loss_1", "balance_loss", "max_vio/layers.1", "tokens_per_s", "lr", "grad_norm"):
+        assert all(key in r for r in train_records), key
+    assert train_records[-1]["main_loss"] < train_records[0]["main_loss"]
+    assert [r["step"] for r in records if "eval_ppl" in r] == [5, 10]
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert summary["eval"]["eval_ppl"] < 512 and summary["replicas_identical"]
+    # Only complete checkpoints, the last two kept, each with every tensor (the packed experts' views included).
+    assert sorted(p.name for p in (reference_run / "checkpoints").iterdir()) == ["step-00000009", "step-00000010"]
+    checkpoint = load_file(reference_run / "checkpoints" / "step-00000010" / "model.safetensors")
+    assert checkpoint.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(checkpoint[name], tensor), name
+
+
+def test_sigkill_then_resume_ends_bit_identical(reference_run, tmp_path):
+    output_dir = tmp_path / "run"
+    kill_after = random.Random().randint(2, STEPS - 3)
+    process = launch(output_dir, "--batch-size", "4")
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(losses(output_dir)) >= kill_after:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+
+    checkpoints = output_dir / "checkpoints"
+    complete = [p for p in checkpoints.iterdir() if not p.name.endswith(".partial")]
+    assert complete, f"killed after step {kill_after} with no checkpoint"
+    for checkpoint in complete:  # a complete name means complete content
+        for name in (
+            "trainer_state.json",
+            "model.safetensors",
+            "optimizer.bin",
+            "random_states_0.pkl",
+            "metrics.jsonl",
+        ):
+            assert (checkpoint / name).is_file(), f"{checkpoint.name} lacks {name}"
+
+    finish(launch(output_dir, "--batch-size", "4", "--resume"))
+    resumed, reference = (
+        load_file(output_dir / "model" / "model.safetensors"),
+        load_file(reference_run / "model" / "model.safetensors"),
+    )
+    assert resumed.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(resumed[name], tensor), f"{name} differs after resuming (killed after step {kill_after})"
+    assert losses(output_dir) == losses(reference_run)
+    assert not list(checkpoints.glob("*.partial"))
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(reference_run, tmp_path):
+    output_dir = tmp_path / "ddp"
+    finish(launch(output_dir, "--batch-size", "2", processes=2))
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["replicas_identical"], "weights or balancing biases differ between the ranks"
+    two, one = losses(output_dir), losses(reference_run)
+    assert two.keys() == one.keys()
+    for step in one:
+        assert abs(two[step] - one[step]) <= 1e-4, (step, two[step], one[step])
+    ddp_model = load_file(output_dir / "model" / "model.safetensors")
+    for name, tensor in load_file(reference_run / "model" / "model.safetensors").items():
+        torch.testing.assert_close(ddp_model[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_block_sampler_splits_one_global_batch_over_processes():
+    one = BlockSampler(num_blocks=50, batch_size=4, grad_accum=2, world_size=1, seed=3)
+    two = BlockSampler(num_blocks=50, batch_size=2, grad_accum=2, world_size=2, seed=3)
+    for step in range(10):  # crosses epochs
+        for micro in range(2):
+            assert one.micro_batch(step, micro, 0) == two.micro_batch(step, micro, 0) + two.micro_batch(step, micro, 1)
+
+
+def test_refuses_to_write_over_an_earlier_run(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="already holds files; pass --resume"):
+        train(parse_args(["--smoke", "--output-dir", str(tmp_path)]))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):
+        parse_args(["--mtp-loss-weight", "0.3,x@0.5"])
+    assert "--mtp-loss-weight: cannot read 'x@0.5'" in capsys.readouterr().err
+
+
+def test_lora_trainer_example_fine_tunes_the_trained_model(reference_run, tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "finetune_lora_trainer.py"
+    spec = importlib.util.spec_from_file_location("finetune_lora_trainer", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer = example.main(["--model", str(reference_run / "model"), "--output-dir", str(tmp_path), "--max-steps", "4"])
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs and all("mtp_loss_1" in entry and "max_vio/layers.1" in entry for entry in logs)
+    assert (tmp_path / "adapter_model.safetensors").is_file()

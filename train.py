@@ -1,0 +1,674 @@
+"""`python -m moe_mtp.train`: pretrain a moe_mtp model from scratch, or fine-tune one, with DeepSeek-V3's recipe.
+
+    python -m moe_mtp.train --smoke                               # seconds: tiny model on the stdlib's English text
+    python -m moe_mtp.train --data corpus.txt --output-dir outputs/run1
+    accelerate launch --config_file examples/accelerate/ddp.yaml -m moe_mtp.train --data corpus.jsonl
+    torchrun --nproc_per_node 2 -m moe_mtp.train --smoke           # DDP (gloo on CPU)
+
+Without `--data` the corpus is the English text of the stdlib's `pydoc_data/topics.py`. Documents are tokenized
+(a byte-level BPE is trained when no tokenizer is given) and packed into fixed-length blocks. The loop is AdamW with
+warmup and cosine decay, gradient accumulation, bf16 autocast on GPUs that support it, gradient clipping and optional
+activation checkpointing; the loss is the main cross-entropy plus the scheduled MTP loss and the sequence-wise
+balance loss, and the balancing bias moves after every optimizer step (modeling/balancing.py). Every `--save-every` steps an
+atomic checkpoint (model, optimizer, scheduler, RNG and data position) lands in `OUTPUT/checkpoints/step-N`;
+`--resume` continues from the latest one exactly. The output folder gets the trained model and tokenizer
+(`OUTPUT/model`, a `from_pretrained` folder), `metrics.jsonl`/`metrics.csv`, `summary.json` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .configuration import MoeMtpConfig
+from .modeling import MoeMtpForCausalLM
+from .modeling.balancing import named_routers, take_balance_metrics
+from .training import LossRecorder, StepSchedule, apply_schedules
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
+CHECKPOINTS = "checkpoints"
+# A run shrunk to seconds, for tests and `make quickstart`; explicit flags still win.
+SMOKE = dict(
+    max_documents=300, vocab_size=512, seq_len=32, hidden_size=48, intermediate_size=96, moe_intermediate_size=24,
+    num_layers=2, num_heads=2, n_routed_experts=8, top_k=2, n_group=2, topk_group=1, q_lora_rank=24, kv_lora_rank=16,
+    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, batch_size=4, max_steps=12, warmup_steps=2,
+    log_every=1, eval_every=6, save_every=6, eval_batches=2, lr=3e-3,
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m moe_mtp.train", description=__doc__.split("\n\n")[0])
+    run = p.add_argument_group("run")
+    run.add_argument("--output-dir", default="outputs/train", help="Folder for checkpoints, model, metrics and plots.")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="Continue from the latest checkpoint in OUTPUT/checkpoints, or from the folder given.",
+    )
+    run.add_argument("--overwrite", action="store_true", help="Start over in an output folder that already has a run.")
+    run.add_argument("--smoke", action="store_true", help="A tiny run that finishes in seconds.")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--cpu", action="store_true", help="Train on the CPU even when a GPU is present.")
+    run.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    run.add_argument("--no-progress", action="store_true", help="No tqdm bar.")
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        nargs="*",
+        default=[],
+        help="Local .txt/.jsonl/.json/.parquet files, or a dataset name on the Hub (when online). "
+        "Default: the English text of the stdlib's pydoc_data/topics.py.",
+    )
+    data.add_argument("--data-config", default=None, help="Configuration name of a Hub dataset.")
+    data.add_argument("--text-column", default="text")
+    data.add_argument("--max-documents", type=int, default=None, help="Use only the first N documents.")
+    data.add_argument("--seq-len", type=int, default=256, help="Tokens per packed training block.")
+    data.add_argument("--eval-fraction", type=float, default=0.05, help="Share of the blocks held out for eval.")
+    data.add_argument("--tokenizer", default=None, help="Tokenizer to use (default: the model's, or a new BPE).")
+    data.add_argument("--vocab-size", type=int, default=4096, help="Vocabulary of the BPE trained from scratch.")
+    model = p.add_argument_group("model (from scratch unless --model is given)")
+    model.add_argument("--model", default=None, help="Fine-tune this moe_mtp (or released DeepSeek) folder.")
+    for flag, default in [
+        ("hidden-size", 256), ("intermediate-size", 512), ("moe-intermediate-size", 128), ("num-layers", 4),
+        ("num-heads", 4), ("first-k-dense", 1), ("n-routed-experts", 16), ("n-shared-experts", 1), ("top-k", 2),
+        ("n-group", 4), ("topk-group", 2), ("q-lora-rank", 128), ("kv-lora-rank", 64), ("qk-nope-head-dim", 32),
+        ("qk-rope-head-dim", 16), ("v-head-dim", 32), ("mtp-depth", 1),
+    ]:  # fmt: skip
+        model.add_argument(f"--{flag}", type=int, default=default)
+    recipe = p.add_argument_group("recipe (schedules are VALUE[@FRACTION],...; see training.StepSchedule)")
+    recipe.add_argument("--mtp-loss-weight", default="0.3,0.1@0.7", help="MTP loss weight schedule (DeepSeek-V3).")
+    recipe.add_argument("--bias-update-speed", default="1e-3,0@0.97", help="Balancing speed gamma schedule.")
+    recipe.add_argument("--seq-aux-loss-alpha", type=float, default=1e-4, help="Sequence-wise balance loss weight.")
+    optim = p.add_argument_group("optimization")
+    optim.add_argument("--max-steps", type=int, default=300, help="Optimizer steps.")
+    optim.add_argument("--batch-size", type=int, default=8, help="Blocks per micro-batch per process.")
+    optim.add_argument("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
+    optim.add_argument("--lr", type=float, default=1e-3)
+    optim.add_argument("--min-lr-ratio", type=float, default=0.1, help="Cosine decay ends at lr * this.")
+    optim.add_argument("--warmup-steps", type=int, default=20)
+    optim.add_argument("--weight-decay", type=float, default=0.1)
+    optim.add_argument("--adam-beta1", type=float, default=0.9)
+    optim.add_argument("--adam-beta2", type=float, default=0.95)
+    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="Gradient clipping; 0 turns it off.")
+    optim.add_argument(
+        "--mixed-precision",
+        choices=["auto", "no", "bf16", "fp16"],
+        default="auto",
+        help="auto: bf16 on GPUs that support it, else fp32.",
+    )
+    optim.add_argument("--activation-checkpointing", action="store_true")
+    loop = p.add_argument_group("logging, eval, checkpoints")
+    loop.add_argument("--log-every", type=int, default=10)
+    loop.add_argument("--eval-every", type=int, default=100, help="Eval perplexity every N steps (and at the end).")
+    loop.add_argument("--eval-batches", type=int, default=20, help="Eval micro-batches per process; 0: all blocks.")
+    loop.add_argument("--save-every", type=int, default=100, help="Checkpoint every N steps; 0: only at the end.")
+    loop.add_argument("--keep-checkpoints", type=int, default=2, help="Complete checkpoints kept.")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if "--smoke" in argv:
+        parser.set_defaults(**SMOKE)
+    args = parser.parse_args(argv)
+    for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 < args.eval_fraction < 1:
+        parser.error(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}")
+    try:
+        args.mtp_schedule = StepSchedule.parse(args.mtp_loss_weight, "--mtp-loss-weight")
+        args.bias_schedule = StepSchedule.parse(args.bias_update_speed, "--bias-update-speed")
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+
+
+def default_documents() -> list[str]:
+    """The stdlib's pydoc topics: a few MB of real English prose about Python, one document per topic."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)]
+
+
+def load_documents(args) -> list[str]:
+    if not args.data:
+        documents = default_documents()
+    else:
+        import datasets
+
+        suffixes = {Path(path).suffix for path in args.data}
+        builders = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+        if all(os.path.exists(path) for path in args.data):
+            if len(suffixes) != 1 or suffixes.pop() not in builders:
+                raise SystemExit(f"--data: give files of one kind among {sorted(builders)}, got {args.data}")
+            builder = builders[Path(args.data[0]).suffix]
+            extra = {"sample_by": "paragraph"} if builder == "text" else {}
+            dataset = datasets.load_dataset(builder, data_files=list(args.data), split="train", **extra)
+        elif len(args.data) == 1 and not Path(args.data[0]).suffix:
+            dataset = datasets.load_dataset(args.data[0], args.data_config, split="train")
+        else:
+            missing = [path for path in args.data if not os.path.exists(path)]
+            raise SystemExit(f"--data: no such file(s): {missing}")
+        if args.text_column not in dataset.column_names:
+            raise SystemExit(
+                f"--data: no column {args.text_column!r} (columns: {dataset.column_names}); pick one with --text-column"
+            )
+        documents = [text for text in dataset[args.text_column] if text and text.strip()]
+    if args.max_documents:
+        documents = documents[: args.max_documents]
+    if not documents:
+        raise SystemExit("--data: no text found")
+    return documents
+
+
+def train_tokenizer(documents: list[str], vocab_size: int):
+    """A byte-level BPE trained on the corpus (seconds for a few MB), wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def pack(documents: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """Tokenizes every document, joins them with EOS and cuts the stream into (blocks, seq_len)."""
+    eos = tokenizer.eos_token_id
+    stream = []
+    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(eos)
+    blocks = len(stream) // seq_len
+    if blocks < 2:
+        raise SystemExit(f"the corpus makes {len(stream)} tokens, too few for two blocks of --seq-len {seq_len}")
+    return torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
+
+
+class BlockSampler:
+    """Which blocks each process trains on at each optimizer step; a pure function of the step, so the data position
+    in a checkpoint is the step itself. Each epoch is a seeded permutation. Process r of W takes the r-th slice of
+    every micro-batch, so W processes see exactly the blocks one process would with a W-times larger batch."""
+
+    def __init__(self, num_blocks: int, batch_size: int, grad_accum: int, world_size: int, seed: int):
+        self.num_blocks, self.batch_size, self.grad_accum = num_blocks, batch_size, grad_accum
+        self.world_size, self.seed = world_size, seed
+        self._epoch, self._order = -1, None
+
+    @property
+    def blocks_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def _position(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_blocks)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_blocks, generator=generator)
+        return int(self._order[offset])
+
+    def micro_batch(self, step: int, micro: int, rank: int) -> list[int]:
+        start = step * self.blocks_per_step + (micro * self.world_size + rank) * self.batch_size
+        return [self._position(start + i) for i in range(self.batch_size)]
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+
+
+def build_model(args, tokenizer) -> MoeMtpForCausalLM:
+    if args.model:
+        return MoeMtpForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    config = MoeMtpConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        moe_intermediate_size=args.moe_intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        first_k_dense_replace=args.first_k_dense,
+        n_routed_experts=args.n_routed_experts,
+        n_shared_experts=args.n_shared_experts,
+        num_experts_per_tok=args.top_k,
+        n_group=args.n_group,
+        topk_group=args.topk_group,
+        q_lora_rank=args.q_lora_rank or None,
+        kv_lora_rank=args.kv_lora_rank,
+        qk_nope_head_dim=args.qk_nope_head_dim,
+        qk_rope_head_dim=args.qk_rope_head_dim,
+        v_head_dim=args.v_head_dim,
+        num_nextn_predict_layers=args.mtp_depth,
+        max_position_embeddings=args.seq_len,
+        seq_aux_loss_alpha=args.seq_aux_loss_alpha,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=False,
+    )
+    return MoeMtpForCausalLM(config)
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A checkpoint only gets its `step-N` name once fully written."""
+    root = output_dir / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial")] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, history: dict, keep: int) -> Path:
+    """Writes into `step-N.partial` then renames it: a killed run leaves either a whole checkpoint or a `.partial`
+    folder, which the next run deletes."""
+    final = output_dir / CHECKPOINTS / f"step-{step:08d}"
+    partial = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))  # model, optimizer and every process's RNG states
+    accelerator.wait_for_everyone()  # all of them written before the rename
+    if accelerator.is_main_process:
+        write_json(partial / "trainer_state.json", state)
+        write_history(partial, history)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_model_states(models, weights, output_dir) -> None:
+    """Accelerate hook: writes the model into the checkpoint ourselves. The routed experts are views into packed
+    weights (shared storage), which accelerate's safetensors writer would keep only one name of."""
+    from accelerate.state import PartialState
+    from safetensors.torch import save_file
+
+    if PartialState().is_main_process:
+        for index, state in enumerate(weights):
+            name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+            save_file({k: v.detach().cpu().clone() for k, v in state.items()}, str(Path(output_dir) / name))
+    weights.clear()  # accelerate then writes no model file itself
+
+
+def load_model_states(models, input_dir) -> None:
+    """Accelerate hook: the counterpart of `save_model_states` (copies into the existing, packed storage)."""
+    from safetensors.torch import load_file
+
+    for index, model in enumerate(models):
+        name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+        device = next(model.parameters()).device
+        model.load_state_dict(load_file(str(Path(input_dir) / name), device=str(device)))
+    models.clear()  # accelerate then loads no model itself
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def write_history(folder: Path, history: dict) -> None:
+    """metrics.jsonl (one line per log step, eval lines included) and the expert-load record."""
+    from safetensors.torch import save_file
+
+    tmp = folder / "metrics.jsonl.partial"
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in history["records"]))
+    os.replace(tmp, folder / "metrics.jsonl")
+    if history["load_steps"]:
+        tensors = {"steps": torch.tensor(history["load_steps"]), "load": torch.stack(history["loads"])}
+        save_file(
+            tensors, str(folder / "expert_load.safetensors.partial"), metadata={"layers": ",".join(history["layers"])}
+        )
+        os.replace(folder / "expert_load.safetensors.partial", folder / "expert_load.safetensors")
+
+
+def read_history(folder: Path, layers: list[str]) -> dict:
+    from safetensors.torch import load_file
+
+    history = {"records": [], "load_steps": [], "loads": [], "layers": layers}
+    if (folder / "metrics.jsonl").exists():
+        history["records"] = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+    if (folder / "expert_load.safetensors").exists():
+        tensors = load_file(str(folder / "expert_load.safetensors"))
+        history["load_steps"], history["loads"] = tensors["steps"].tolist(), list(tensors["load"])
+    return history
+
+
+def prepare_output_dir(args, accelerator) -> Path | None:
+    """Returns the checkpoint to resume from. Never writes over an earlier run unless asked to."""
+    output_dir = Path(args.output_dir)
+    resume_from = None
+    if args.resume:
+        if args.resume != "latest":
+            resume_from = Path(args.resume)
+            if not (resume_from / "trainer_state.json").is_file():
+                raise SystemExit(f"--resume {resume_from}: not a checkpoint folder (no trainer_state.json)")
+        elif checkpoint_dirs(output_dir):
+            resume_from = checkpoint_dirs(output_dir)[-1]
+        elif accelerator.is_main_process:
+            print(f"--resume: no checkpoint in {output_dir / CHECKPOINTS} yet; starting from scratch", flush=True)
+    elif output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
+        raise SystemExit(
+            f"{output_dir} already holds files; pass --resume to continue that run, --overwrite to start over in it, "
+            "or choose another --output-dir"
+        )
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes
+    if accelerator.is_main_process:
+        if args.overwrite and not args.resume and output_dir.exists():
+            for name in (CHECKPOINTS, "model", "tokenizer"):
+                shutil.rmtree(output_dir / name, ignore_errors=True)
+        (output_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        for stale in (output_dir / CHECKPOINTS).glob("*.partial"):
+            shutil.rmtree(stale)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+    return resume_from
+
+
+# --------------------------------------------------------------------------------------------------------- the loop
+
+
+def evaluate(model, blocks: torch.Tensor, args, accelerator) -> dict[str, float]:
+    """Perplexity of the main head over the held-out blocks (split over processes), and each MTP depth's loss."""
+    model.eval()
+    mine = blocks[accelerator.process_index :: accelerator.num_processes]
+    if args.eval_batches:
+        mine = mine[: args.eval_batches * args.batch_size]
+    depth = accelerator.unwrap_model(model).config.num_nextn_predict_layers
+    totals = torch.zeros(2 + depth, dtype=torch.float64, device=accelerator.device)  # sums of loss * batches, batches
+    with torch.no_grad():
+        for start in range(0, len(mine), args.batch_size):
+            batch = mine[start : start + args.batch_size].to(accelerator.device)
+            output = model(input_ids=batch, labels=batch, output_mtp_logits=depth > 0)
+            totals[0] += output.main_loss.double() * len(batch)
+            totals[1] += len(batch)
+            for k, depth_loss in enumerate(output.mtp_losses or ()):
+                totals[2 + k] += depth_loss.double() * len(batch)
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train()
+    count = max(float(totals[1]), 1.0)
+    result = {"eval_loss": float(totals[0]) / count, "eval_ppl": math.exp(min(float(totals[0]) / count, 50.0))}
+    result.update({f"eval_mtp_loss_{k + 1}": float(totals[2 + k]) / count for k in range(depth)})
+    return result
+
+
+def state_fingerprint(model) -> str:
+    """A hash of every parameter and buffer, to check that data-parallel replicas agree."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def train(args) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
+    from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
+
+    # cpu=True where there is no GPU: accelerate only takes a multi-process CPU launch (gloo) as distributed then.
+    # find_unused_parameters: an expert that no token of a micro-batch picked gets no gradient on that rank.
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(args.mixed_precision),
+        cpu=args.cpu or not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    resume_from = prepare_output_dir(args, accelerator)
+    output_dir = Path(args.output_dir)
+    set_seed(args.seed)
+
+    # Tokenizer: given, the fine-tuned model's, the resumed run's, or a BPE trained here once (by the main process).
+    documents = load_documents(args)
+    tokenizer_dir = output_dir / "tokenizer"
+    if args.tokenizer or args.model:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    else:
+        if accelerator.is_main_process and not (resume_from and tokenizer_dir.is_dir()):
+            train_tokenizer(documents, args.vocab_size).save_pretrained(tokenizer_dir)
+        accelerator.wait_for_everyone()
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    blocks = pack(documents, tokenizer, args.seq_len)
+    num_eval = max(1, int(len(blocks) * args.eval_fraction))
+    train_blocks, eval_blocks = blocks[:-num_eval], blocks[-num_eval:]
+
+    model = build_model(args, tokenizer)
+    model.config.seq_aux_loss_alpha = args.seq_aux_loss_alpha
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+    )
+    # Not handed to accelerate: its wrapper steps the schedule once per process, and ours follows optimizer steps.
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, args.warmup_steps, args.max_steps, min_lr_rate=args.min_lr_ratio
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.distributed_type != DistributedType.FSDP:  # FSDP checkpoints go through accelerate's FSDP path
+        accelerator.register_save_state_pre_hook(save_model_states)
+        accelerator.register_load_state_pre_hook(load_model_states)
+    core = accelerator.unwrap_model(model)
+    recorder = LossRecorder(core)
+    layers = [name for name, _ in named_routers(core.model)]
+    sampler = BlockSampler(len(train_blocks), args.batch_size, args.grad_accum, accelerator.num_processes, args.seed)
+
+    start_step, history = 0, {"records": [], "load_steps": [], "loads": [], "layers": layers}
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        if saved["blocks_per_step"] != sampler.blocks_per_step or saved["num_train_blocks"] != len(train_blocks):
+            raise SystemExit(
+                f"--resume {resume_from}: that run used {saved['blocks_per_step']} blocks per step over "
+                f"{saved['num_train_blocks']} blocks; this one has {sampler.blocks_per_step} over {len(train_blocks)}. "
+                "Keep --batch-size x --grad-accum x processes, --seq-len and --data the same to resume."
+            )
+        scheduler.load_state_dict(saved["scheduler"])
+        start_step = saved["step"]
+        history = read_history(resume_from, layers)
+        if accelerator.is_main_process:
+            write_history(output_dir, history)  # the log restarts where the checkpoint was taken
+
+    tokens_per_step = sampler.blocks_per_step * args.seq_len
+    progress = tqdm(
+        total=args.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+        disable=args.no_progress or not accelerator.is_main_process, desc="train",
+    )  # fmt: skip
+    window_start, window_steps = time.perf_counter(), 0
+    step_loss = torch.zeros((), device=accelerator.device)
+    for step in range(start_step, args.max_steps):
+        apply_schedules(core.config, {"mtp_loss_weight": args.mtp_schedule, "bias_update_speed": args.bias_schedule},
+                        step, args.max_steps)  # fmt: skip
+        step_loss.zero_()
+        for micro in range(args.grad_accum):
+            batch = train_blocks[sampler.micro_batch(step, micro, accelerator.process_index)].to(accelerator.device)
+            # Gradients are all-reduced on the last micro-batch only.
+            sync = micro == args.grad_accum - 1
+            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+                loss = model(input_ids=batch, labels=batch).loss / args.grad_accum
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
+        optimizer.step()  # the balancing bias moves here, through the optimizer-step hook (modeling/balancing.py)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        window_steps += 1
+        progress.update(1)
+
+        if done % args.log_every == 0 or done == args.max_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": done, "loss": float(accelerator.reduce(step_loss.clone(), reduction="mean"))}
+            record.update(recorder.take())
+            max_vio, load = take_balance_metrics(core)
+            record.update(max_vio)
+            record.update(
+                lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm) if grad_norm is not None else None,
+                mtp_loss_weight=core.config.mtp_loss_weight, bias_update_speed=core.config.bias_update_speed,
+                tokens=done * tokens_per_step, tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9),
+            )  # fmt: skip
+            history["records"].append(record)
+            if load is not None:
+                history["load_steps"].append(done)
+                history["loads"].append(load / load.sum(dim=-1, keepdim=True).clamp(min=1) * load.shape[-1])
+            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window_start, window_steps = time.perf_counter(), 0
+        if (args.eval_every and done % args.eval_every == 0) or done == args.max_steps:
+            history["records"].append({"step": done, **evaluate(model, eval_blocks, args, accelerator)})
+        if accelerator.is_main_process and history["records"] and history["records"][-1]["step"] == done:
+            write_history(output_dir, history)  # only when this step logged something
+        if (args.save_every and done % args.save_every == 0) or done == args.max_steps:
+            state = {
+                "step": done, "scheduler": scheduler.state_dict(), "blocks_per_step": sampler.blocks_per_step,
+                "num_train_blocks": len(train_blocks), "world_size": accelerator.num_processes,
+            }  # fmt: skip
+            save_checkpoint(accelerator, output_dir, done, state, history, args.keep_checkpoints)
+    progress.close()
+    recorder.remove()
+
+    # FSDP shards the weights, so only replicated (DDP or single-process) weights can be compared.
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    fingerprints = gather_object([None if sharded else state_fingerprint(core)])
+    summary = {
+        "steps": args.max_steps,
+        "world_size": accelerator.num_processes,
+        "tokens": args.max_steps * tokens_per_step,
+        "train_blocks": len(train_blocks),
+        "eval": next((r for r in reversed(history["records"]) if "eval_loss" in r), None),
+        "replicas_identical": None if sharded else len(set(fingerprints)) == 1,
+        "fingerprint": fingerprints[0],
+    }
+    save_final_model(accelerator, model, tokenizer, output_dir)
+    if accelerator.is_main_process:
+        write_json(output_dir / "summary.json", summary)
+        write_csv(output_dir / "metrics.csv", history["records"])
+        if not args.no_plots:
+            save_plots(output_dir, history)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def save_final_model(accelerator, model, tokenizer, output_dir: Path) -> None:
+    """`OUTPUT/model`: a from_pretrained folder with the tokenizer, renamed into place once complete."""
+    final, partial = output_dir / "model", output_dir / "model.partial"
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards; every process takes part
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict, save_function=accelerator.save)
+        tokenizer.save_pretrained(partial)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
+
+
+def write_csv(path: Path, records: list[dict]) -> None:
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    os.replace(tmp, path)
+
+
+def save_plots(output_dir: Path, history: dict) -> None:
+    """loss.png (total, main, MTP and balance losses, eval loss) and expert_load.png (per MoE layer, the load of
+    each expert relative to the mean over the run: 1 is balanced)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise SystemExit(f"plots need matplotlib ({error}); `pip install matplotlib`, or pass --no-plots") from None
+
+    records = history["records"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    keys = [k for k in dict.fromkeys(k for r in records for k in r) if k.endswith("loss") or k.startswith("mtp_loss")]
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=key, marker="o" if key.startswith("eval") else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save_figure(fig, output_dir / "loss.png")
+
+    if history["loads"]:
+        loads, layers = torch.stack(history["loads"]), history["layers"]
+        columns = min(4, len(layers))
+        rows = math.ceil(len(layers) / columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+        vmax = max(2.0, float(loads.max()))
+        for index, ax in enumerate(axes.flat):
+            if index >= len(layers):
+                ax.axis("off")
+                continue
+            image = ax.imshow(
+                loads[:, index].numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest",
+                extent=(-0.5, loads.shape[-1] - 0.5, history["load_steps"][-1], history["load_steps"][0]),
+            )  # fmt: skip
+            ax.set_title(layers[index])
+            ax.set_xlabel("expert")
+            ax.set_ylabel("step")
+        fig.colorbar(image, ax=axes, label="load / mean load")
+        _save_figure(fig, output_dir / "expert_load.png")
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".partial.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    summary = train(parse_args(argv))
+    if summary is not None and os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: v for k, v in summary.items() if k != "fingerprint"}))
+
+
+if __name__ == "__main__":
+    main()

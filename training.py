@@ -1,0 +1,157 @@
+"""Training components shared by `Trainer` users and `python -m moe_mtp.train`: the DeepSeek-V3 schedules of the MTP
+loss weight and the balancing speed, the per-part loss record, and a `Trainer` callback that logs them.
+
+The balancing bias itself needs none of this: it moves after every optimizer step on its own (see modeling/balancing.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .modeling.balancing import take_balance_metrics
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """A piecewise-constant value over the fraction of training done, written `VALUE[@FRACTION],...`.
+
+    `"0.3,0.1@0.7"` is 0.3 until 70% of the steps, then 0.1: DeepSeek-V3's MTP weight (0.3 for the first 10T of
+    14.8T tokens, then 0.1). `"1e-3,0@0.97"` is its balancing speed (frozen for the last 500B tokens).
+    """
+
+    points: tuple[tuple[float, float], ...]  # (from_fraction, value), sorted
+
+    @classmethod
+    def parse(cls, text: str | float, name: str = "schedule") -> StepSchedule:
+        if isinstance(text, (int, float)):
+            return cls(((0.0, float(text)),))
+        points = []
+        for part in str(text).split(","):
+            value, _, start = part.strip().partition("@")
+            try:
+                point = (float(start) if start else 0.0, float(value))
+            except ValueError:
+                raise ValueError(
+                    f"{name}: cannot read {part!r}; write VALUE[@FRACTION],... e.g. '0.3,0.1@0.7'"
+                ) from None
+            if not 0.0 <= point[0] <= 1.0 or point[1] < 0:
+                raise ValueError(f"{name}: {part!r} needs a fraction in [0, 1] and a non-negative value")
+            points.append(point)
+        points.sort()
+        if points[0][0] != 0.0:
+            raise ValueError(f"{name}: {text!r} must give a value from the start (a first entry without @FRACTION)")
+        return cls(tuple(points))
+
+    def __call__(self, step: int, total_steps: int) -> float:
+        fraction = step / max(total_steps, 1)
+        value = self.points[0][1]
+        for start, point_value in self.points:
+            if fraction >= start:
+                value = point_value
+        return value
+
+
+def find_moe_mtp_model(model: nn.Module) -> nn.Module:
+    """The `MoeMtpForCausalLM` inside a PEFT, DDP, FSDP or Accelerate wrapper."""
+    from .modeling import MoeMtpForCausalLM
+
+    for module in model.modules():
+        if isinstance(module, MoeMtpForCausalLM):  # FSDP2 subclasses it on the fly
+            return module
+    raise ValueError(f"{type(model).__name__} holds no MoeMtpForCausalLM")
+
+
+class LossRecorder:
+    """Accumulates the detached loss parts of every training forward with labels: the main cross-entropy, each MTP
+    depth's cross-entropy and the sequence-wise balance loss. `take()` returns their means (over ranks too) and
+    resets them."""
+
+    def __init__(self, model: nn.Module):
+        self.model = find_moe_mtp_model(model)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.handle = self.model.register_forward_hook(self._record)
+
+    def _record(self, module, args, output):
+        if not module.training or getattr(output, "main_loss", None) is None:
+            return
+        parts = {"main_loss": output.main_loss}
+        for depth, depth_loss in enumerate(output.mtp_losses or (), start=1):
+            parts[f"mtp_loss_{depth}"] = depth_loss
+        if output.aux_loss is not None:
+            parts["balance_loss"] = output.aux_loss
+        for key, value in parts.items():
+            value = value.detach().float()
+            self.sums[key] = value if key not in self.sums else self.sums[key] + value.to(self.sums[key].device)
+        self.count += 1
+
+    def take(self) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        means = torch.stack([self.sums[k].to(self.sums[keys[0]].device) for k in keys]) / self.count
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(means)
+            means /= torch.distributed.get_world_size()
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, means.tolist(), strict=True))
+
+    def remove(self):
+        self.handle.remove()
+
+
+class MoeMtpCallback(TrainerCallback):
+    """Adds DeepSeek-V3's recipe to a `Trainer`: logs `main_loss`, `mtp_loss_k`, `balance_loss` and per-layer
+    `max_vio/<layer>` beside `loss`, and schedules `mtp_loss_weight` and `bias_update_speed` over the run.
+
+    ```python
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[MoeMtpCallback(mtp_loss_weight="0.3,0.1@0.7")])
+    ```
+    Schedules left as None keep the config's values. The bias update itself needs no callback.
+    """
+
+    def __init__(self, mtp_loss_weight: str | float | None = None, bias_update_speed: str | float | None = None):
+        self.schedules = {
+            name: StepSchedule.parse(value, name)
+            for name, value in (("mtp_loss_weight", mtp_loss_weight), ("bias_update_speed", bias_update_speed))
+            if value is not None
+        }
+        self.recorder: LossRecorder | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.recorder is not None:
+            self.recorder.remove()
+        self.recorder = LossRecorder(model)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.recorder is not None:
+            apply_schedules(self.recorder.model.config, self.schedules, state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if self.recorder is None or logs is None or "loss" not in logs:
+            return
+        extra = self.recorder.take()
+        extra.update(take_balance_metrics(self.recorder.model)[0])
+        config = self.recorder.model.config
+        extra.update(mtp_loss_weight=config.mtp_loss_weight, bias_update_speed=config.bias_update_speed)
+        logs.update(extra)
+        # Trainer stored its copy of `logs` just before calling the callbacks.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.recorder is not None:
+            self.recorder.remove()
+            self.recorder = None
+
+
+def apply_schedules(config, schedules: dict[str, StepSchedule], step: int, total_steps: int) -> None:
+    for name, schedule in schedules.items():
+        setattr(config, name, schedule(step, total_steps))
+
+
+__all__ = ["LossRecorder", "MoeMtpCallback", "StepSchedule", "apply_schedules", "find_moe_mtp_model"]
