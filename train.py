@@ -33,12 +33,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .configuration import MoeMtpConfig
+from .hub import TRAINING_SUMMARY
 from .modeling import MoeMtpForCausalLM
 from .modeling.balancing import named_routers, take_balance_metrics
 from .training import LossRecorder, StepSchedule, apply_schedules
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
 CHECKPOINTS = "checkpoints"
+PLOTS = ("loss.png", "expert_load.png")
 # A run shrunk to seconds, for tests and `make quickstart`; explicit flags still win.
 SMOKE = dict(
     max_documents=300, vocab_size=512, seq_len=32, hidden_size=48, intermediate_size=96, moe_intermediate_size=24,
@@ -574,23 +576,40 @@ def train(args) -> dict:
         "replicas_identical": None if sharded else len(set(fingerprints)) == 1,
         "fingerprint": fingerprints[0],
     }
-    save_final_model(accelerator, model, tokenizer, output_dir)
     if accelerator.is_main_process:
         write_json(output_dir / "summary.json", summary)
         write_csv(output_dir / "metrics.csv", history["records"])
         if not args.no_plots:
             save_plots(output_dir, history)
+    save_final_model(accelerator, model, tokenizer, output_dir, model_card_facts(args, summary, history))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def save_final_model(accelerator, model, tokenizer, output_dir: Path) -> None:
-    """`OUTPUT/model`: a from_pretrained folder with the tokenizer, renamed into place once complete."""
+def model_card_facts(args, summary: dict, history: dict) -> dict:
+    """What the generated model card says about training (see `moe_mtp.hub.model_card`)."""
+    last_train = next((r for r in reversed(history["records"]) if "loss" in r), {})
+    metrics = {"steps": summary["steps"], "tokens": summary["tokens"], "processes": summary["world_size"]}
+    metrics.update({k: v for k, v in (summary["eval"] or {}).items() if k != "step"})
+    metrics.update({f"train_{k}": last_train[k] for k in ("loss", "main_loss") if k in last_train})
+    data = ", ".join(args.data) if args.data else "the English text of Python's stdlib `pydoc_data/topics.py`"
+    return {"name": args.output_dir.rstrip("/").split("/")[-1], "data": data, "metrics": metrics}
+
+
+def save_final_model(accelerator, model, tokenizer, output_dir: Path, card_facts: dict | None = None) -> None:
+    """`OUTPUT/model`: a Hub-ready from_pretrained folder (remote code, tokenizer, model card with the training
+    metrics and plots), renamed into place once complete."""
     final, partial = output_dir / "model", output_dir / "model.partial"
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards; every process takes part
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        if card_facts is not None:
+            plots = [name for name in PLOTS if (output_dir / name).is_file()]
+            for name in plots:
+                shutil.copy2(output_dir / name, partial / name)
+            write_json(partial / TRAINING_SUMMARY, {**card_facts, "plots": plots})
         accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(partial)
         if final.exists():
