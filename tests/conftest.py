@@ -1,6 +1,7 @@
 """Tiny in-memory configs and the reference configs shared by the tests."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,19 @@ def randomize_router_bias(model, scale: float = 0.05):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A small released (FP8) checkpoint, built once per test module; tests mutate copies (`src`)."""
+    from conversion_fixtures import tiny_config as released_config
+    from conversion_fixtures import write_released
+
+    folder, _ = write_released(tmp_path_factory.mktemp("pristine") / "src", released_config())
+    return folder
+
+
+@pytest.fixture
+def src(pristine, tmp_path):
+    """A fresh copy of `pristine` that a test may break."""
+    return Path(shutil.copytree(pristine, tmp_path / "src"))

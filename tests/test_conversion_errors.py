@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conversion_fixtures import INDEX, edit_shard, shard_of, snapshot, tiny_config, write_released
+from conversion_fixtures import INDEX, edit_shard, shard_of, snapshot
 from safetensors.torch import load_file, save_file
 
 from moe_mtp.conversion import ConversionError, convert
@@ -18,17 +18,6 @@ from moe_mtp.conversion import fp8 as fp8_module
 from moe_mtp.conversion.cli import main
 
 SCALE = "model.layers.1.mlp.experts.2.up_proj.weight_scale_inv"
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    folder, _ = write_released(tmp_path_factory.mktemp("pristine") / "src", tiny_config())
-    return folder
-
-
-@pytest.fixture
-def src(pristine, tmp_path):
-    return Path(shutil.copytree(pristine, tmp_path / "src"))
 
 
 def assert_fails(src: Path, tmp_path: Path, *patterns: str, **kwargs):

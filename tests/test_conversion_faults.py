@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conversion_fixtures import INDEX, edit_shard, snapshot, tiny_config, write_released
+from conversion_fixtures import INDEX, edit_shard, snapshot
 from safetensors.torch import load_file, save_file
 
 from moe_mtp.conversion import ConversionError, convert, destination
@@ -32,17 +32,6 @@ DOWN = "model.layers.0.mlp.down_proj.weight"
 BIAS = "model.layers.1.mlp.gate.e_score_correction_bias"
 EXPERT = "model.layers.2.mlp.experts.5.gate_proj.weight"
 DEEP = 200_000  # nesting depth that overflows Python's recursion limit in json
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    folder, _ = write_released(tmp_path_factory.mktemp("pristine") / "src", tiny_config())
-    return folder
-
-
-@pytest.fixture
-def src(pristine, tmp_path):
-    return Path(shutil.copytree(pristine, tmp_path / "src"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
