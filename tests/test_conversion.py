@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from conftest import reference_config
 from conversion_fixtures import (
     V2_LITE,
@@ -296,6 +297,8 @@ def test_released_v3_config_translates_and_back():
     config = MoeMtpConfig(**ours)
     assert config.num_nextn_predict_layers == 1 and config.is_moe_layer(61)
     back = deepseek_config_dict(ours, released["quantization_config"])
+    # the release's "4.33.1" is replaced by the transformers that wrote the conversion
+    assert ours["transformers_version"] == back.pop("transformers_version") == transformers.__version__
     dropped = {"auto_map", "transformers_version"}
     assert back == {k: v for k, v in released.items() if k not in dropped}
 
@@ -517,3 +520,16 @@ def test_config_without_mtp_count_takes_it_from_the_weights(tmp_path, with_mtp):
     assert read_config_dict(src)["num_nextn_predict_layers"] == (1 if with_mtp else 0)
     convert(src, tmp_path / "ours", progress=False)
     assert set(load_folder(tmp_path / "ours")) == set(ours)
+
+
+def test_converted_config_carries_the_installed_transformers_version(tmp_path):
+    """Not the release's "4.33.1": the config was written by this transformers, in both directions."""
+    config = tiny_config()
+    src, _ = write_released(tmp_path / "src", config, fp8=False, shards=1)
+    released = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**released, "transformers_version": "4.33.1"}))
+    convert(src, tmp_path / "ours", progress=False)
+    convert(tmp_path / "ours", tmp_path / "back", dst_format="deepseek", progress=False)
+    for folder in ("ours", "back"):
+        written = json.loads((tmp_path / folder / "config.json").read_text())
+        assert written["transformers_version"] == transformers.__version__, folder
