@@ -49,7 +49,9 @@ def write_tiny_release(folder: Path) -> Path:
         if FP8_WEIGHT.match(name):
             tensors[name], tensors[name + "_scale_inv"] = quantize_block_fp8(tensor.to(torch.bfloat16))
         else:
-            tensors[name] = tensor.to(torch.bfloat16) if tensor.dtype == torch.float32 and "bias" not in name else tensor
+            tensors[name] = (
+                tensor.to(torch.bfloat16) if tensor.dtype == torch.float32 and "bias" not in name else tensor
+            )
     # The release gives the MTP layer its own embedding and output head.
     tensors[f"model.layers.{n}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
     tensors[f"model.layers.{n}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()

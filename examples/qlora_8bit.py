@@ -16,7 +16,6 @@ Needs bitsandbytes >= 0.48 on a CPU (`pip install 'bitsandbytes>=0.48'`).
 import argparse
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 

@@ -47,8 +47,7 @@ def examples(rng: random.Random):
     for _ in range(40):
         a, b = rng.sample(range(1, 100), 2)
         yield f"Which is larger, {a} or {b}?", f"{max(a, b)} is larger than {min(a, b)}."
-    for question, answer in FACTS:
-        yield question, answer
+    yield from FACTS
 
 
 def main():
