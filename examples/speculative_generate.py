@@ -7,7 +7,7 @@ forward, so each step can emit more than one token. Under greedy decoding the ou
 
     python examples/speculative_generate.py --smoke                         # seconds: a tiny, briefly trained model
     python examples/speculative_generate.py --model outputs/pretrain/model  # a model you trained
-    python examples/speculative_generate.py                                 # trains a small one first (minutes)
+    python examples/speculative_generate.py                                 # trains a small one first (a minute)
 
 Acceptance depends on training: an MTP module trained alongside its model agrees with it often; a barely trained
 one rarely does, and then speculation costs more than it saves.
@@ -34,8 +34,8 @@ def trained_model(args) -> str:
         return args.model
     run = Path(args.output_dir) / "train"
     if not (run / "model").is_dir():
-        flags = ["--smoke"] if args.smoke else ["--smoke", "--max-steps", "400", "--hidden-size", "128",
-                                                "--seq-len", "64", "--max-documents", "0"]  # fmt: skip
+        # the smoke-sized model; without --smoke it trains 25 times longer, so its MTP module agrees more often
+        flags = ["--smoke"] if args.smoke else ["--smoke", "--max-steps", "300", "--eval-every", "100"]
         subprocess.run([sys.executable, "-m", "moe_mtp.train", *flags, "--no-progress", "--output-dir", str(run)],
                        check=True)  # fmt: skip
     return str(run / "model")

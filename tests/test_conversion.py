@@ -318,12 +318,17 @@ def test_v2_sequence_wise_aux_loss_maps_to_seq_aux_loss_alpha():
     assert (ours["seq_aux_loss_alpha"], ours["aux_loss_alpha"], ours["seq_aux"]) == (0.001, 0.001, True)
     assert MoeMtpConfig(**ours).seq_aux_loss_alpha == 0.001
     back = deepseek_config_dict(ours)
-    assert back == released and "seq_aux_loss_alpha" not in back  # V2's own keys restored, ours not written
+    # V2's own keys restored, ours not written; the version is the transformers that wrote it
+    assert back == {**released, "transformers_version": transformers.__version__} and "seq_aux_loss_alpha" not in back
     # seq_aux false: V2's batch-wise loss, which moe_mtp has not: the default stays, nothing is dropped
     batch_wise = moe_mtp_config_dict({**released, "seq_aux": False})
     assert "seq_aux_loss_alpha" not in batch_wise and batch_wise["aux_loss_alpha"] == 0.001
     assert MoeMtpConfig(**batch_wise).seq_aux_loss_alpha == MoeMtpConfig().seq_aux_loss_alpha
-    assert deepseek_config_dict(batch_wise) == {**released, "seq_aux": False}
+    assert deepseek_config_dict(batch_wise) == {
+        **released,
+        "seq_aux": False,
+        "transformers_version": transformers.__version__,
+    }
 
 
 def test_transformers_config_copies_the_architecture():
