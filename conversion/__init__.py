@@ -7,7 +7,7 @@ This subpackage never imports `moe_mtp.modeling` (modeling imports it); transfor
 
 from .configs import deepseek_config_dict, moe_mtp_config_dict, transformers_config
 from .convert import check_folder, convert, folder_family, load_state_dict_from_folder, read_config_dict
-from .errors import ConversionError
+from .errors import ConversionError, DestinationExistsError
 from .fp8 import dequantize_block_fp8, iter_dequantize_block_fp8, quantize_block_fp8, round_scale_ue8m0
 from .layouts import convert_state_dict
 from .spec import canonical_shapes
@@ -15,6 +15,7 @@ from .summary import inspect
 
 __all__ = [
     "ConversionError",
+    "DestinationExistsError",
     "canonical_shapes",
     "check_folder",
     "convert",

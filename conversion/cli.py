@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .errors import ConversionError
+from .errors import ConversionError, DestinationExistsError
 
 EPILOG = """SRC is a local folder: download a hub model first (hub ids are not fetched).
 
@@ -104,6 +104,9 @@ def main(argv=None) -> int:
         if not args.dry_run:
             print(f"wrote {summary['num_tensors']} tensors ({summary['total_bytes'] / 1e9:.3f} GB) to {args.dst}")
         return 0
+    except DestinationExistsError as exc:
+        print(f"error: {one_line(DestinationExistsError(exc.dst, hint='--force'))}", file=sys.stderr)
+        return 2
     except (ConversionError, OSError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

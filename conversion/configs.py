@@ -8,6 +8,7 @@ Field names are the released ones in all three. What changes: `model_type`/`arch
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -179,7 +180,13 @@ def moe_mtp_config_dict(released: dict) -> dict:
     out["architectures"] = [MOE_MTP_ARCHITECTURE]
     if dtype is not None:
         out["dtype"] = str(dtype).replace("torch.", "")
+    out["transformers_version"] = transformers_version()  # the release's is the one it was written with
     return out
+
+
+def transformers_version() -> str:
+    """The installed transformers version, written into converted configs as `save_pretrained` does."""
+    return importlib.metadata.version("transformers")
 
 
 def is_v3_routing(config) -> bool:
@@ -222,6 +229,7 @@ def deepseek_config_dict(config, quantization_config: dict | None = None, dtype:
     if quantization_config:
         out["quantization_config"] = quantization_config
     out["torch_dtype"] = dtype
+    out["transformers_version"] = transformers_version()
     return dict(sorted(out.items()))
 
 

@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import ConversionError
+from .errors import ConversionError, DestinationExistsError
 
 # In DST.partial while a run writes it: a leftover DST.partial is replaced only if it carries this file,
 # so a user's own folder that happens to be named like ours is never deleted.
@@ -115,7 +115,7 @@ def check(src: Path, dst: Path, force: bool, dry_run: bool):
     if dry_run:
         return
     if exists(dst) and not force:
-        raise ConversionError(f"{dst} already exists; pass force=True (--force) to replace it")
+        raise DestinationExistsError(dst)
     if exists(partial) and not _marked(partial, PARTIAL_MARKER):
         raise ConversionError(
             f"{partial} exists but was not left by a moe_mtp conversion (it has no {PARTIAL_MARKER} file); "
@@ -123,7 +123,7 @@ def check(src: Path, dst: Path, force: bool, dry_run: bool):
         )
     if exists(replaced) and exists(dst):
         raise ConversionError(
-            f"{replaced} exists, and --force would move {dst} there; no interrupted moe_mtp run accounts for it: "
+            f"{replaced} exists, and replacing {dst} would move it there; no interrupted moe_mtp run accounts for it: "
             "remove or rename it yourself"
         )
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from conftest import reference_config
 from conversion_fixtures import (
     V2_LITE,
@@ -296,6 +297,8 @@ def test_released_v3_config_translates_and_back():
     config = MoeMtpConfig(**ours)
     assert config.num_nextn_predict_layers == 1 and config.is_moe_layer(61)
     back = deepseek_config_dict(ours, released["quantization_config"])
+    # the release's "4.33.1" is replaced by the transformers that wrote the conversion
+    assert ours["transformers_version"] == back.pop("transformers_version") == transformers.__version__
     dropped = {"auto_map", "transformers_version"}
     assert back == {k: v for k, v in released.items() if k not in dropped}
 
@@ -315,12 +318,17 @@ def test_v2_sequence_wise_aux_loss_maps_to_seq_aux_loss_alpha():
     assert (ours["seq_aux_loss_alpha"], ours["aux_loss_alpha"], ours["seq_aux"]) == (0.001, 0.001, True)
     assert MoeMtpConfig(**ours).seq_aux_loss_alpha == 0.001
     back = deepseek_config_dict(ours)
-    assert back == released and "seq_aux_loss_alpha" not in back  # V2's own keys restored, ours not written
+    # V2's own keys restored, ours not written; the version is the transformers that wrote it
+    assert back == {**released, "transformers_version": transformers.__version__} and "seq_aux_loss_alpha" not in back
     # seq_aux false: V2's batch-wise loss, which moe_mtp has not: the default stays, nothing is dropped
     batch_wise = moe_mtp_config_dict({**released, "seq_aux": False})
     assert "seq_aux_loss_alpha" not in batch_wise and batch_wise["aux_loss_alpha"] == 0.001
     assert MoeMtpConfig(**batch_wise).seq_aux_loss_alpha == MoeMtpConfig().seq_aux_loss_alpha
-    assert deepseek_config_dict(batch_wise) == {**released, "seq_aux": False}
+    assert deepseek_config_dict(batch_wise) == {
+        **released,
+        "seq_aux": False,
+        "transformers_version": transformers.__version__,
+    }
 
 
 def test_transformers_config_copies_the_architecture():
@@ -517,3 +525,16 @@ def test_config_without_mtp_count_takes_it_from_the_weights(tmp_path, with_mtp):
     assert read_config_dict(src)["num_nextn_predict_layers"] == (1 if with_mtp else 0)
     convert(src, tmp_path / "ours", progress=False)
     assert set(load_folder(tmp_path / "ours")) == set(ours)
+
+
+def test_converted_config_carries_the_installed_transformers_version(tmp_path):
+    """Not the release's "4.33.1": the config was written by this transformers, in both directions."""
+    config = tiny_config()
+    src, _ = write_released(tmp_path / "src", config, fp8=False, shards=1)
+    released = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**released, "transformers_version": "4.33.1"}))
+    convert(src, tmp_path / "ours", progress=False)
+    convert(tmp_path / "ours", tmp_path / "back", dst_format="deepseek", progress=False)
+    for folder in ("ours", "back"):
+        written = json.loads((tmp_path / folder / "config.json").read_text())
+        assert written["transformers_version"] == transformers.__version__, folder

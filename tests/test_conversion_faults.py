@@ -420,3 +420,14 @@ def test_killed_force_run_always_leaves_one_complete_checkpoint(src, tmp_path, v
     force(src, dst)  # the next run recovers whatever state it finds, then replaces DST again
     assert snapshot(dst) == versions[1]
     assert not destination.partial_of(dst).exists() and not destination.replaced_of(dst).exists()
+
+
+def test_existing_dst_error_names_the_callers_spelling(src, tmp_path, capsys):
+    """Python callers are told force=True, the command line --force: never both."""
+    dst = tmp_path / "dst"
+    convert(src, dst, progress=False)
+    with pytest.raises(ConversionError, match=r"already exists; pass force=True to replace it$"):
+        convert(src, dst, progress=False)
+    code, err = run_cli([src, dst], capsys)
+    assert_one_line_error(code, err, "already exists; pass --force to replace it")
+    assert "force=True" not in err

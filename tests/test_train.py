@@ -154,11 +154,11 @@ def test_refuses_to_write_over_an_earlier_run(tmp_path, capsys):
 def test_lora_trainer_example_fine_tunes_the_trained_model(reference_run, tmp_path):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "finetune_lora_trainer.py"
-    spec = importlib.util.spec_from_file_location("finetune_lora_trainer", path)
+    path = Path(__file__).resolve().parents[1] / "examples" / "finetune_trainer_lora.py"
+    spec = importlib.util.spec_from_file_location("finetune_trainer_lora", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    trainer = example.main(["--model", str(reference_run / "model"), "--output-dir", str(tmp_path), "--max-steps", "4"])
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    argv = ["--model", str(reference_run / "model"), "--output-dir", str(tmp_path), "--max-steps", "4"]
+    logs = example.main([*argv, "--eval-pairs", "8"])["train_log"]
     assert logs and all("mtp_loss_1" in entry and "max_vio/layers.1" in entry for entry in logs)
     assert (tmp_path / "adapter_model.safetensors").is_file()
