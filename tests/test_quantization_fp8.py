@@ -124,8 +124,9 @@ def test_lora_trainer_step_on_fp8_changes_only_the_adapters(released, tmp_path):
     data = [{"input_ids": row, "labels": row} for row in ids]
     assert math.isfinite(Trainer(model=model, args=args, train_dataset=data).train().training_loss)
     after = model.state_dict()
-    changed = {n for n in before if not torch.equal(before[n], after[n])}
-    assert changed and all("lora_" in n for n in changed)
+    # the balancing bias (a buffer) moves after every optimizer step by design, under LoRA too
+    changed = {n for n in before if not torch.equal(before[n], after[n]) and not n.endswith("e_score_correction_bias")}
+    assert changed and all("lora_" in n for n in changed), sorted(n for n in changed if "lora_" not in n)[:5]
     assert any(".experts." in n for n in changed) and any("shared_experts" in n for n in changed)
 
 
