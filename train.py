@@ -610,7 +610,9 @@ def save_final_model(accelerator, model, tokenizer, output_dir: Path, card_facts
             for name in plots:
                 shutil.copy2(output_dir / name, partial / name)
             write_json(partial / TRAINING_SUMMARY, {**card_facts, "plots": plots})
-        accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict, save_function=accelerator.save)
+        core = accelerator.unwrap_model(model)
+        core.config.use_cache = True  # training ran without a KV cache; generation from the saved model wants one
+        core.save_pretrained(partial, state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(partial)
         if final.exists():
             shutil.rmtree(final)

@@ -28,7 +28,8 @@ def test_make_quickstart_smoke(tmp_path):
         assert (model / name).is_file(), name
     card = (model / "README.md").read_text()
     assert "## Training" in card and "eval_loss" in card and "![loss](loss.png)" in card
-    assert json.loads((model / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+    config = json.loads((model / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] and config["use_cache"] is True
     text = proc.stdout.lower()
     assert "drafts accepted" in text and "speed ratio" in text and "quickstart:" in text
 
