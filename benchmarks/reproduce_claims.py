@@ -89,7 +89,7 @@ def train_runs(base: list[str], runs_dir: Path) -> dict[str, dict]:
     shape = train_script.parse_args(base)
     active_width = (shape.top_k + shape.n_shared_experts) * shape.moe_intermediate_size
     # Both models' dense MLPs are as wide as the experts a token runs: equal active parameters, equal FLOPs.
-    common = [*base, "--intermediate-size", str(active_width), "--seed", str(shape.seed), "--no-progress"]
+    common = [*base, "--intermediate-size", str(active_width), "--seed", str(shape.seed)]
     tokenizer = runs_dir / "moe" / "tokenizer"  # trained by the first run, reused: identical data for all three
     variants = {
         "moe": [],
@@ -352,7 +352,7 @@ def plot(path: Path, runs, quant, decode, params) -> None:
         ax.plot(*zip(*points, strict=True), alpha=0.3, color=ax.lines[-1].get_color())
     ax.set_xlabel("optimizer step (same tokens per step for all)")
     ax.set_ylabel("main-model cross-entropy (nats)")
-    ax.set_title("MoE vs dense (same active params), MTP loss on/off")
+    ax.set_title("MoE vs dense (same active params), MTP loss on/off\n(dots: eval, faint: training)")
     ax.legend()
     ax.grid(alpha=0.3)
 
