@@ -35,6 +35,7 @@ def test_quick_run_writes_table_json_and_plot(tmp_path):
     numbers += [run["summary"]["eval"]["eval_loss"] for run in result["runs"].values()]
     assert all(math.isfinite(x) for x in numbers), numbers
     assert result["quantization"]["int8"]["footprint"] < result["quantization"]["fp32"]["footprint"]
+    assert result["decode"]["tokens_per_step"] >= 1
     assert result["decode"]["identical"]  # greedy MTP speculation reproduces plain greedy
     params = result["parameters"]
     assert params["moe"]["active_params"] < params["moe"]["main_params"]
