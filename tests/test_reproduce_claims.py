@@ -2,18 +2,21 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# One thread: on a shared 2-core machine, torch's 2 threads per process oversubscribe the cores and crawl.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_quick_run_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "claims"
     done = subprocess.run(
         [sys.executable, "benchmarks/reproduce_claims.py", "--quick", "--output-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not out.with_name("claims.partial").exists()
@@ -47,6 +50,6 @@ def test_quick_run_writes_table_json_and_plot(tmp_path):
     # an existing output is not overwritten unless asked
     again = subprocess.run(
         [sys.executable, "benchmarks/reproduce_claims.py", "--quick", "--output-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert again.returncode != 0 and "--overwrite" in again.stderr
