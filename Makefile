@@ -51,7 +51,7 @@ bench: $(INSTALL_STAMP)
 # with and without MTP speculation. `--resume` makes a second `make quickstart` continue (or just reuse) the run
 # in QUICKSTART_DIR instead of refusing to touch it. A test runs it with QUICKSTART_ARGS=--smoke GENERATE_ARGS=--smoke.
 QUICKSTART_DIR ?= outputs/quickstart
-QUICKSTART_ARGS ?= --max-steps 200
+QUICKSTART_ARGS ?= --max-steps 600
 GENERATE_ARGS ?=
 
 quickstart: $(INSTALL_STAMP)
