@@ -120,7 +120,7 @@ def model_card(model: nn.Module, folder: Path) -> str:
         "```",
         "",
         "With `pip install moe-mtp` and `import moe_mtp`, the same folder loads without `trust_remote_code`, and "
-        "`generate(..., use_mtp=True)` drafts tokens with the MTP modules where this moe-mtp version supports it.",
+        "`generate(..., use_mtp=True)` drafts tokens with the MTP modules (self-speculative decoding, greedy output unchanged).",
         "",
         "## Architecture",
         "",
