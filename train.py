@@ -477,6 +477,9 @@ def train(args) -> dict:
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
         betas=(args.adam_beta1, args.adam_beta2),
+        # One kernel call for all parameters: the routed experts are hundreds of small tensors per layer, and the
+        # default per-tensor loop took a third of a step at DeepSeek-V3's 256 experts (benchmarks/bench_train.py).
+        fused=accelerator.device.type in ("cpu", "cuda"),
     )
     # Not handed to accelerate: its wrapper steps the schedule once per process, and ours follows optimizer steps.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(

@@ -89,11 +89,21 @@ def balancing_state(model: nn.Module) -> BalancingState:
 
 def named_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(`layers.3`, router) pairs in execution order: main layers, then the MTP modules."""
-    return [
-        (name.removesuffix(".mlp.gate"), module)
-        for name, module in model.named_modules()
-        if hasattr(module, "e_score_correction_bias") and hasattr(module, "tokens_per_expert")
-    ]
+    found = []
+
+    # Runs after every optimizer step: the walk skips the routed experts (thousands of modules at V3 scale).
+    def walk(module: nn.Module, prefix: str):
+        for name, child in module._modules.items():
+            if child is None or getattr(child, "holds_no_routers", False):
+                continue
+            path = f"{prefix}{name}"
+            if hasattr(child, "e_score_correction_bias") and hasattr(child, "tokens_per_expert"):
+                found.append((path.removesuffix(".mlp.gate"), child))
+            else:
+                walk(child, f"{path}.")
+
+    walk(model, "")
+    return found
 
 
 def owner_of_routers(model: nn.Module) -> nn.Module:

@@ -475,6 +475,8 @@ class MoeMtpExperts(nn.ModuleList):
     (packed), "grouped_stacked", or "per_expert" (bitsandbytes, PEFT, or no grouped kernel for the device).
     """
 
+    holds_no_routers = True  # the balancing code's router search skips these modules
+
     def __init__(self, config: MoeMtpConfig):
         super().__init__(
             MoeMtpMLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(config.n_routed_experts)
@@ -744,6 +746,8 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         "hidden_states": MoeMtpDecoderLayer,
         "attentions": OutputRecorder(MoeMtpAttention, index=1, layer_name="layers"),  # main layers, not MTP
         "router_logits": OutputRecorder(MoeMtpTopkRouter, index=0),
+        # The experts each router chose, so the sequence-wise balance loss need not redo the group-limited top-k.
+        "router_indices": OutputRecorder(MoeMtpTopkRouter, index=2),
     }
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
     # V2-style checkpoints have no balancing bias; it starts at zero.
@@ -989,9 +993,14 @@ class MoeMtpModelOutputWithPast(MoeModelOutputWithPast):
     mtp_hidden_states (`tuple(torch.Tensor)`, *optional*):
         One tensor per MTP depth k = 1..D, of shape `(batch_size, sequence_length - k, hidden_size)`, already normalized
         by the module's `shared_head.norm`; position i predicts token i + k + 1.
+
+    router_indices (`tuple(torch.Tensor)`, *optional*):
+        One tensor per MoE layer (main layers, then the MTP modules that ran), of shape `(tokens, num_experts_per_tok)`:
+        the experts each token was sent to. Returned with `output_router_indices=True`.
     """
 
     mtp_hidden_states: tuple[torch.Tensor, ...] | None = None
+    router_indices: tuple[torch.Tensor, ...] | None = None
 
 
 class MoeMtpModel(MoeMtpPreTrainedModel):
@@ -1196,7 +1205,7 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             )
         want_balance = has_targets and self.training and config.seq_aux_loss_alpha > 0
         if want_balance:
-            kwargs["output_router_logits"] = True
+            kwargs["output_router_logits"] = kwargs["output_router_indices"] = True
         outputs: MoeMtpModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1233,7 +1242,7 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             if want_balance and outputs.router_logits:
                 batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
                 aux_loss = config.seq_aux_loss_alpha * self.sequence_balance_loss(
-                    outputs.router_logits, attention_mask, batch_size, len(mtp_logits or ())
+                    outputs.router_logits, outputs.router_indices, attention_mask, batch_size, len(mtp_logits or ())
                 )
                 loss = loss + aux_loss.to(loss.device)
 
@@ -1314,9 +1323,14 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         blocks = [*self.model.layers, *self.model.mtp_layers]
         return [block.mlp.gate for block in blocks if isinstance(block.mlp, MoeMtpMoE)]
 
-    def sequence_balance_loss(self, router_logits, attention_mask, batch_size: int, mtp_depths: int) -> torch.Tensor:
+    def sequence_balance_loss(
+        self, router_logits, router_indices, attention_mask, batch_size: int, mtp_depths: int
+    ) -> torch.Tensor:
         """DeepSeek-V3's sequence-wise balance loss, sum_i f_i * P_i per sequence, averaged over sequences and
-        summed over MoE layers (the MTP modules that ran included). Padding tokens are left out."""
+        summed over MoE layers (the MTP modules that ran included). Padding tokens are left out.
+
+        f_i (expert i's share of the sequence's choices, times experts / top_k) comes from the experts the forward
+        chose, `router_indices`; P_i (its mean normalized score) carries the gradient."""
         routed = [(layer.mlp.gate, attention_mask) for layer in self.model.layers if isinstance(layer.mlp, MoeMtpMoE)]
         routed += [
             (mtp.mlp.gate, mtp_slot_mask(attention_mask, depth))
@@ -1324,18 +1338,25 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             if isinstance(mtp.mlp, MoeMtpMoE)
         ]
         total = None
-        for (router, mask), logits in zip(routed, router_logits, strict=True):
+        for (router, mask), logits, chosen in zip(routed, router_logits, router_indices, strict=True):
             seq_len = logits.shape[0] // batch_size
-            valid = torch.ones(batch_size, seq_len, 1, device=logits.device)
-            if mask is not None:
-                valid = mask.to(device=logits.device, dtype=logits.dtype).unsqueeze(-1)
+            top_k, num_experts = chosen.shape[-1], router.num_experts
+            valid = None if mask is None else mask.to(device=logits.device, dtype=logits.dtype)  # (batch, seq)
+            tokens = logits.new_full((batch_size,), seq_len) if valid is None else valid.sum(dim=1).clamp(min=1)
+            slot_weight = torch.ones_like(chosen, dtype=logits.dtype) if valid is None else valid.reshape(-1, 1)
+            counts = logits.new_zeros(batch_size, num_experts).scatter_add_(
+                1,
+                chosen.reshape(batch_size, seq_len * top_k),
+                slot_weight.expand_as(chosen).reshape(batch_size, seq_len * top_k),
+            )
+            # sum_i f_i * P_i = mean over the sequence's tokens of (normalized scores . f) / tokens
+            load_per_token = counts * num_experts / (top_k * tokens.unsqueeze(-1) * tokens.unsqueeze(-1))
             scores = router.scores(logits)
-            chosen = torch.zeros_like(scores).scatter_(1, router.select(scores), 1.0)
-            probs = scores / scores.sum(dim=-1, keepdim=True)
-            tokens = valid.sum(dim=1).clamp(min=1)
-            load = (chosen.view(batch_size, seq_len, -1) * valid).sum(1) * router.num_experts / (router.top_k * tokens)
-            mean_prob = (probs.view(batch_size, seq_len, -1) * valid).sum(1) / tokens
-            layer_loss = (load * mean_prob).sum(-1).mean()
+            probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch_size, seq_len, num_experts)
+            per_token = torch.bmm(probs, load_per_token.unsqueeze(-1)).squeeze(-1)  # (batch, seq)
+            if valid is not None:
+                per_token = per_token * valid
+            layer_loss = per_token.sum(dim=1).mean()
             total = layer_loss if total is None else total + layer_loss.to(total.device)
         return total
 

@@ -85,6 +85,35 @@ def test_loss_decomposition_with_balance_loss_in_training():
     assert 0.5 * moe_layers * 0.01 < out.aux_loss.item() < 8 * moe_layers * 0.01
 
 
+def test_sequence_balance_loss_matches_its_definition():
+    """alpha * sum over MoE layers (MTP included) of mean_b sum_i f_bi * P_bi, with f_bi = experts / (top_k * T) times
+    the tokens of sequence b sent to expert i (after the bias-corrected group top-k), and P_bi its mean normalized
+    score."""
+    model = make_model(num_nextn_predict_layers=1, seq_aux_loss_alpha=0.01).train()
+    input_ids = batch(batch_size=3, seq_len=16)
+    out = model(input_ids, labels=input_ids)
+    routers = model.moe_routers()
+    assert len(out.router_logits) == len(routers)
+    expected = 0.0
+    for router, logits in zip(routers, out.router_logits, strict=True):
+        scores = router.scores(logits.detach()).view(3, -1, router.num_experts)
+        for sequence in scores:
+            tokens = sequence.shape[0]
+            chosen = router.select(sequence)
+            f = (
+                torch.bincount(chosen.flatten(), minlength=router.num_experts)
+                * router.num_experts
+                / (router.top_k * tokens)
+            )
+            p = (sequence / sequence.sum(-1, keepdim=True)).mean(0)
+            expected += float((f * p).sum()) / 3
+    torch.testing.assert_close(out.aux_loss.item(), 0.01 * expected, atol=1e-7, rtol=1e-5)
+    # Its gradient reaches the router weights
+    model.zero_grad()
+    out.aux_loss.backward()
+    assert all(router.weight.grad is not None and router.weight.grad.abs().sum() > 0 for router in routers)
+
+
 def test_sequence_balance_loss_ignores_padding():
     model = make_model(num_nextn_predict_layers=0, seq_aux_loss_alpha=0.01).train()
     input_ids = batch(batch_size=1, seq_len=8)
