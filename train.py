@@ -614,7 +614,9 @@ def save_final_model(accelerator, model, tokenizer, output_dir: Path, card_facts
                 shutil.copy2(output_dir / name, partial / name)
             write_json(partial / TRAINING_SUMMARY, {**card_facts, "plots": plots})
         core = accelerator.unwrap_model(model)
-        core.config.use_cache = True  # training ran without a KV cache; generation from the saved model wants one
+        # Training ran without a KV cache; generation from the saved model wants one (`generate` reads the
+        # generation config's copy, which was made from the training config).
+        core.config.use_cache = core.generation_config.use_cache = True
         core.save_pretrained(partial, state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(partial)
         if final.exists():

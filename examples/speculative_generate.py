@@ -63,8 +63,10 @@ def main(argv=None) -> dict:
     tokenizer.padding_side = "left"  # decoder-only batches are padded on the left
     model = MoeMtpForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    # use_cache: a folder saved with use_cache=false (as training scripts often do) would time plain decoding
+    # without its KV cache.
     common = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                  pad_token_id=tokenizer.pad_token_id, use_cache=True)  # fmt: skip
 
     timed_generate(model, inputs, max_new_tokens=2, pad_token_id=tokenizer.pad_token_id)  # warm-up
     plain, plain_s = timed_generate(model, inputs, **common)

@@ -30,6 +30,8 @@ def test_make_quickstart_smoke(tmp_path):
     assert "## Training" in card and "eval_loss" in card and "![loss](loss.png)" in card
     config = json.loads((model / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] and config["use_cache"] is True
+    # Plain `generate` reads use_cache from the generation config: without the cache it recomputes every prefix.
+    assert json.loads((model / "generation_config.json").read_text()).get("use_cache", True) is True
     text = proc.stdout.lower()
     assert "drafts accepted" in text and "speed ratio" in text and "quickstart:" in text
 

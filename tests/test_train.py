@@ -61,6 +61,8 @@ def test_smoke_run_writes_a_loadable_model_metrics_and_plots(reference_run):
     tokenizer = AutoTokenizer.from_pretrained(reference_run / "model")
     assert len(tokenizer) == model.config.vocab_size == 512
     assert any(r.e_score_correction_bias.abs().sum() > 0 for r in model.moe_routers())  # the bias moved and was saved
+    # Trained without a KV cache, saved for generation with one (`generate` reads the generation config's flag).
+    assert model.config.use_cache and model.generation_config.use_cache
 
     records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
