@@ -7,6 +7,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration import MoeMtpConfig
 from .modeling import MoeMtpForCausalLM, MoeMtpModel, MoeMtpPreTrainedModel
+from .quantization import hide_unused_kernel_warning
+
+hide_unused_kernel_warning()
 
 AutoConfig.register(MoeMtpConfig.model_type, MoeMtpConfig, exist_ok=True)
 AutoModel.register(MoeMtpConfig, MoeMtpModel, exist_ok=True)

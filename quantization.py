@@ -32,6 +32,7 @@ BNB_4BIT_TYPES = ("nf4", "fp4")
 FP8_METHOD = "moe_mtp_fp8"
 # bitsandbytes logs these from inside every matmul call: hundreds of lines per forward of an MoE.
 PER_CALL_WARNINGS = ("MatMul8bitLt: inputs will be cast", "Input type into Linear4bit is torch.float16")
+UNUSED_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
 class QuantizationSetupError(ValueError):
@@ -163,6 +164,20 @@ def say_bnb_warnings_once():
         target = logging.getLogger(name)
         if _ONCE not in target.filters:
             target.addFilter(_ONCE)
+
+
+class _DropUnusedKernelWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(UNUSED_KERNEL_WARNING)
+
+
+def hide_unused_kernel_warning():
+    """On AVX512-BF16 CPUs, importing bitsandbytes (which `transformers.Trainer` and PEFT do) tries to fetch a packed
+    4-bit CPU kernel from the Hub and warns when it cannot. moe_mtp keeps every 4-bit layer on the portable kernel
+    (`keep_4bit_cpu_layout`), so the missing kernel changes nothing and the warning only alarms. Called on import."""
+    target = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropUnusedKernelWarning) for f in target.filters):
+        target.addFilter(_DropUnusedKernelWarning())
 
 
 def keep_4bit_cpu_layout(model: nn.Module):

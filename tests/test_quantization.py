@@ -239,3 +239,20 @@ def test_released_and_transformers_folders_quantize_while_loading(folder, layout
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(model(ids).logits.flatten(), reference(ids).logits.flatten(), 0)
     assert cosine > 0.9
+
+
+def test_the_unused_cpu_4bit_kernel_warning_is_hidden_and_nothing_else(caplog):
+    # bitsandbytes logs it on import when it cannot fetch a Hub kernel that moe_mtp never uses (see
+    # keep_4bit_cpu_layout); other bitsandbytes warnings still get through.
+    import subprocess
+    import sys
+
+    source = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=source.name):
+        source.warning("%s: No module named 'kernels'. Please install kernels", quantization.UNUSED_KERNEL_WARNING)
+        source.warning("another bitsandbytes warning")
+    assert [record.getMessage() for record in caplog.records] == ["another bitsandbytes warning"]
+
+    code = "import moe_mtp, transformers.trainer_utils, bitsandbytes"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and quantization.UNUSED_KERNEL_WARNING not in result.stderr, result.stderr
