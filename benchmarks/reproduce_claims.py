@@ -172,8 +172,8 @@ def decode_rows(model_dir: Path, ids: torch.Tensor, args) -> dict:
 
     model = MoeMtpForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0  # exactly N tokens
-    # The training script saves use_cache=False (training needs no cache); plain decoding must use the KV cache,
-    # as the MTP loop does, or the comparison times quadratic recomputation.
+    # Plain decoding must use the KV cache, as the MTP loop does, or the comparison times quadratic recomputation;
+    # folders from before the training script saved use_cache=True still say False.
     model.config.use_cache = model.generation_config.use_cache = True
     stride = max(args.prompt_len, (len(ids) - args.prompt_len) // max(args.prompts, 1))
     starts = [i * stride for i in range(args.prompts) if i * stride + args.prompt_len <= len(ids)]
