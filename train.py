@@ -473,13 +473,14 @@ def train(args) -> dict:
     model.train()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    # One kernel call for all parameters: the routed experts are hundreds of small tensors per layer, and the
+    # default per-tensor loop took a third of a step at DeepSeek-V3's 256 experts (benchmarks/bench_train.py).
+    fused = accelerator.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
         betas=(args.adam_beta1, args.adam_beta2),
-        # One kernel call for all parameters: the routed experts are hundreds of small tensors per layer, and the
-        # default per-tensor loop took a third of a step at DeepSeek-V3's 256 experts (benchmarks/bench_train.py).
-        fused=accelerator.device.type in ("cpu", "cuda"),
+        fused=fused,
     )
     # Not handed to accelerate: its wrapper steps the schedule once per process, and ours follows optimizer steps.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -497,6 +498,8 @@ def train(args) -> dict:
     start_step, history = 0, {"records": [], "load_steps": [], "loads": [], "layers": layers}
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        for group in optimizer.param_groups:  # a checkpoint's saved groups carry their own `fused` flag
+            group["fused"] = fused
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         if saved["blocks_per_step"] != sampler.blocks_per_step or saved["num_train_blocks"] != len(train_blocks):
             raise SystemExit(

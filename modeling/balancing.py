@@ -183,6 +183,11 @@ def _models_stepped_by(optimizer: torch.optim.Optimizer) -> list[nn.Module]:
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     if not _automatic or not len(_tracked):
         return
+    # A GradScaler calls a fused optimizer's step even on overflow (the kernel then does nothing): a skipped step
+    # moves no bias, as when it skips a non-fused optimizer's step altogether.
+    found_inf = getattr(optimizer, "found_inf", None)
+    if found_inf is not None and bool(found_inf):
+        return
     for model in _models_stepped_by(optimizer):
         if model.training and not balancing_state(model).manual:
             update_balancing_bias(model, manual=False)

@@ -330,7 +330,13 @@ class MoeMtpTopkRouter(nn.Module):
 
         `token_mask` (True = real token) keeps padding out of the recorded expert load."""
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
-        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        device_type = hidden_states.device.type
+        # fp32 even under autocast, which would run the linear in bf16/fp16 and move near-tied expert choices.
+        if device_type != "meta" and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                router_logits = F.linear(hidden_states.float(), self.weight.float())
+        else:
+            router_logits = F.linear(hidden_states.float(), self.weight.float())
         scores = self.scores(router_logits)
         topk_indices = self.select(scores)
         topk_weights = scores.gather(1, topk_indices)
@@ -1339,24 +1345,26 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         ]
         total = None
         for (router, mask), logits, chosen in zip(routed, router_logits, router_indices, strict=True):
+            logits = logits.float()  # counts and sums in fp32: half precision stops counting at 256 or overflows
             seq_len = logits.shape[0] // batch_size
             top_k, num_experts = chosen.shape[-1], router.num_experts
             valid = None if mask is None else mask.to(device=logits.device, dtype=logits.dtype)  # (batch, seq)
-            tokens = logits.new_full((batch_size,), seq_len) if valid is None else valid.sum(dim=1).clamp(min=1)
+            tokens = logits.new_full((batch_size, 1), seq_len) if valid is None else valid.sum(1, keepdim=True)
+            tokens = tokens.clamp(min=1)
             slot_weight = torch.ones_like(chosen, dtype=logits.dtype) if valid is None else valid.reshape(-1, 1)
             counts = logits.new_zeros(batch_size, num_experts).scatter_add_(
                 1,
                 chosen.reshape(batch_size, seq_len * top_k),
                 slot_weight.expand_as(chosen).reshape(batch_size, seq_len * top_k),
             )
-            # sum_i f_i * P_i = mean over the sequence's tokens of (normalized scores . f) / tokens
-            load_per_token = counts * num_experts / (top_k * tokens.unsqueeze(-1) * tokens.unsqueeze(-1))
+            load = counts * num_experts / (top_k * tokens)  # f_i, (batch, experts)
             scores = router.scores(logits)
             probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch_size, seq_len, num_experts)
-            per_token = torch.bmm(probs, load_per_token.unsqueeze(-1)).squeeze(-1)  # (batch, seq)
+            # sum_i f_i * P_i = sum over the sequence's real tokens of (normalized scores . f) / tokens
+            per_token = (probs * load.unsqueeze(1)).sum(-1)  # (batch, seq)
             if valid is not None:
                 per_token = per_token * valid
-            layer_loss = per_token.sum(dim=1).mean()
+            layer_loss = (per_token.sum(dim=1, keepdim=True) / tokens).mean()
             total = layer_loss if total is None else total + layer_loss.to(total.device)
         return total
 

@@ -53,6 +53,26 @@ def test_bias_moves_exactly_once_per_optimizer_step_under_accumulation_4():
     assert all(not p is r.e_score_correction_bias for p in model.parameters() for r in routers)  # noqa: E714
 
 
+def test_a_step_the_grad_scaler_skips_moves_no_bias_even_with_a_fused_optimizer():
+    # With a fused optimizer, GradScaler calls step() on overflow too (the kernel then does nothing).
+    model = make_model(bias_update_speed=1e-3).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(tokens(0), labels=tokens(0)).loss).backward()
+    model.lm_head.weight.grad[0, 0] = float("inf")
+    before = biases(model)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad()
+    assert balancing_state(model.model).updates == 0
+    assert all(torch.equal(b, r.e_score_correction_bias) for b, r in zip(before, model.moe_routers(), strict=True))
+    scaler.scale(model(tokens(1), labels=tokens(1)).loss).backward()
+    scaler.step(optimizer)
+    assert balancing_state(model.model).updates == 1  # the next, finite step moves it, from both steps' tokens
+    assert balancing_state(model.model).last_load.sum() == 2 * (2 * 2 * 12 * 2 + 2 * 11 * 2)
+    assert any(not torch.equal(b, r.e_score_correction_bias) for b, r in zip(before, model.moe_routers(), strict=True))
+
+
 def test_trainer_with_accumulation_4_updates_once_per_step(tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments

@@ -114,6 +114,24 @@ def test_sequence_balance_loss_matches_its_definition():
     assert all(router.weight.grad is not None and router.weight.grad.abs().sum() > 0 for router in routers)
 
 
+def test_router_and_balance_loss_stay_fp32_under_autocast_and_half_precision_logits():
+    model = make_model(num_nextn_predict_layers=0, seq_aux_loss_alpha=0.01).train()
+    input_ids = batch(batch_size=2, seq_len=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids, labels=input_ids)
+    assert all(logits.dtype == torch.float32 for logits in out.router_logits)
+    # Half-precision logits (from another caller) must not make the loss count in half precision: fp16 overflows
+    # tokens**2 and bf16 stops counting at 256 tokens. One 300-token sequence:
+    routers = model.moe_routers()
+    logits = [torch.randn(300, router.num_experts) * 2 for router in routers]
+    chosen = [router.select(router.scores(layer)) for router, layer in zip(routers, logits, strict=True)]
+    reference = model.sequence_balance_loss(logits, chosen, None, batch_size=1, mtp_depths=0)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = [layer.to(dtype) for layer in logits]
+        got = model.sequence_balance_loss(half, chosen, None, batch_size=1, mtp_depths=0)
+        torch.testing.assert_close(got, reference, rtol=1e-2, atol=0)
+
+
 def test_sequence_balance_loss_ignores_padding():
     model = make_model(num_nextn_predict_layers=0, seq_aux_loss_alpha=0.01).train()
     input_ids = batch(batch_size=1, seq_len=8)
