@@ -338,18 +338,29 @@ def write_json(path: Path, value) -> None:
 
 
 def write_history(folder: Path, history: dict) -> None:
-    """metrics.jsonl (one line per log step, eval lines included) and the expert-load record."""
+    """metrics.jsonl (one line per log step, eval lines included) and the expert-load record, written whole: into
+    checkpoints, on resume and at the end. During the run, `append_records` extends metrics.jsonl instead."""
     from safetensors.torch import save_file
 
     tmp = folder / "metrics.jsonl.partial"
     tmp.write_text("".join(json.dumps(record) + "\n" for record in history["records"]))
     os.replace(tmp, folder / "metrics.jsonl")
+    history["written"] = len(history["records"])
     if history["load_steps"]:
         tensors = {"steps": torch.tensor(history["load_steps"]), "load": torch.stack(history["loads"])}
         save_file(
             tensors, str(folder / "expert_load.safetensors.partial"), metadata={"layers": ",".join(history["layers"])}
         )
         os.replace(folder / "expert_load.safetensors.partial", folder / "expert_load.safetensors")
+
+
+def append_records(folder: Path, history: dict) -> None:
+    """Appends the records logged since the last write to metrics.jsonl, in one write: rewriting the whole log
+    (and the expert load, layers x experts per log step) at every log step grew quadratically over a long run."""
+    new = history["records"][history.get("written", 0) :]
+    with open(folder / "metrics.jsonl", "a") as log:
+        log.write("".join(json.dumps(record) + "\n" for record in new))
+    history["written"] = len(history["records"])
 
 
 def read_history(folder: Path, layers: list[str]) -> dict:
@@ -510,8 +521,8 @@ def train(args) -> dict:
         scheduler.load_state_dict(saved["scheduler"])
         start_step = saved["step"]
         history = read_history(resume_from, layers)
-        if accelerator.is_main_process:
-            write_history(output_dir, history)  # the log restarts where the checkpoint was taken
+    if accelerator.is_main_process:
+        write_history(output_dir, history)  # the log (re)starts where the checkpoint was taken, or empty
 
     tokens_per_step = sampler.blocks_per_step * args.seq_len
     progress = tqdm(
@@ -560,7 +571,7 @@ def train(args) -> dict:
         if (args.eval_every and done % args.eval_every == 0) or done == args.max_steps:
             history["records"].append({"step": done, **evaluate(model, eval_blocks, args, accelerator)})
         if accelerator.is_main_process and history["records"] and history["records"][-1]["step"] == done:
-            write_history(output_dir, history)  # only when this step logged something
+            append_records(output_dir, history)  # only when this step logged something
         if (args.save_every and done % args.save_every == 0) or done == args.max_steps:
             state = {
                 "step": done, "scheduler": scheduler.state_dict(), "blocks_per_step": sampler.blocks_per_step,
@@ -583,6 +594,7 @@ def train(args) -> dict:
         "fingerprint": fingerprints[0],
     }
     if accelerator.is_main_process:
+        write_history(output_dir, history)
         write_json(output_dir / "summary.json", summary)
         write_csv(output_dir / "metrics.csv", history["records"])
         if not args.no_plots:
