@@ -306,11 +306,9 @@ class BlockFp8Config(QuantizationConfigMixin):
         self.modules = list(modules)
 
     def to_dict(self) -> dict:
-        out = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-               "weight_block_size": list(self.weight_block_size)}  # fmt: skip
-        if self.scale_fmt:
-            out["scale_fmt"] = self.scale_fmt
-        return out
+        from .conversion.fp8 import release_quantization_config
+
+        return release_quantization_config(self.weight_block_size, self.scale_fmt)
 
     def to_diff_dict(self) -> dict:
         return self.to_dict()

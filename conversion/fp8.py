@@ -22,6 +22,14 @@ SCALE_FORMATS = (None, "ue8m0")
 DEFAULT_BLOCK = (128, 128)
 
 
+def release_quantization_config(block, scale_fmt: str | None = None) -> dict:
+    """The `quantization_config` of a released block-FP8 checkpoint (DeepSeek-V3's `config.json`)."""
+    config = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(block)}
+    if scale_fmt:
+        config["scale_fmt"] = scale_fmt
+    return config
+
+
 def _block(block) -> tuple[int, int]:
     rows, cols = (block, block) if isinstance(block, int) else block
     if int(rows) <= 0 or int(cols) <= 0:

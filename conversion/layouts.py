@@ -195,11 +195,7 @@ class FP8Format:
         return cls(block, scale_fmt)
 
     def quantization_config(self) -> dict:
-        out = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-               "weight_block_size": list(self.block)}  # fmt: skip
-        if self.scale_fmt:
-            out["scale_fmt"] = self.scale_fmt
-        return out
+        return fp8.release_quantization_config(self.block, self.scale_fmt)
 
 
 @dataclass
