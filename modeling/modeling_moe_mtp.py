@@ -9,6 +9,7 @@ import importlib
 import math
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -332,10 +333,8 @@ class MoeMtpTopkRouter(nn.Module):
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         device_type = hidden_states.device.type
         # fp32 even under autocast, which would run the linear in bf16/fp16 and move near-tied expert choices.
-        if device_type != "meta" and torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                router_logits = F.linear(hidden_states.float(), self.weight.float())
-        else:
+        autocast = device_type != "meta" and torch.is_autocast_enabled(device_type)
+        with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
             router_logits = F.linear(hidden_states.float(), self.weight.float())
         scores = self.scores(router_logits)
         topk_indices = self.select(scores)
