@@ -345,7 +345,6 @@ def write_history(folder: Path, history: dict) -> None:
     tmp = folder / "metrics.jsonl.partial"
     tmp.write_text("".join(json.dumps(record) + "\n" for record in history["records"]))
     os.replace(tmp, folder / "metrics.jsonl")
-    history["written"] = len(history["records"])
     if history["load_steps"]:
         tensors = {"steps": torch.tensor(history["load_steps"]), "load": torch.stack(history["loads"])}
         save_file(
@@ -357,7 +356,7 @@ def write_history(folder: Path, history: dict) -> None:
 def append_records(folder: Path, history: dict) -> None:
     """Appends the records logged since the last write to metrics.jsonl, in one write: rewriting the whole log
     (and the expert load, layers x experts per log step) at every log step grew quadratically over a long run."""
-    new = history["records"][history.get("written", 0) :]
+    new = history["records"][history["written"] :]
     with open(folder / "metrics.jsonl", "a") as log:
         log.write("".join(json.dumps(record) + "\n" for record in new))
     history["written"] = len(history["records"])
@@ -523,6 +522,7 @@ def train(args) -> dict:
         history = read_history(resume_from, layers)
     if accelerator.is_main_process:
         write_history(output_dir, history)  # the log (re)starts where the checkpoint was taken, or empty
+    history["written"] = len(history["records"])  # records already in OUTPUT/metrics.jsonl (see append_records)
 
     tokens_per_step = sampler.blocks_per_step * args.seq_len
     progress = tqdm(

@@ -142,6 +142,7 @@ def test_the_metrics_log_grows_by_appending_and_is_written_whole_at_checkpoints(
     layers = ["layers.1", "layers.2"]
     history = {"records": [{"step": 1, "loss": 2.0}], "load_steps": [1], "loads": [torch.ones(2, 4)], "layers": layers}
     write_history(tmp_path, history)
+    history["written"] = 1  # as the training loop records after its first write
     log, load = tmp_path / "metrics.jsonl", tmp_path / "expert_load.safetensors"
     before = (log.stat().st_ino, load.stat().st_ino, load.stat().st_mtime_ns)
     history["records"] += [{"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.7}]
