@@ -318,7 +318,7 @@ def resolve_source(
     if unknown:
         warnings.warn(f"skipping {len(unknown)} unknown tensor(s): {', '.join(unknown[:5])}", stacklevel=2)
     _check_scale_values(store, refs, fp8_format)
-    missing = [name for name in shapes if name in absent]
+    missing = [name for name in shapes if name in absent and name not in omitted]  # omitted: never stored
     dropped_mtp = asked_mtp > 0 and config.num_nextn_predict_layers == 0
     return Source(store, layout, config, refs, fp8_format, dropped_mtp, unknown, notes, missing, asked_mtp)
 

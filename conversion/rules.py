@@ -83,6 +83,12 @@ MOE_MTP = Layout(
     rules=(Ignore(r"lm_head\.weight", when="tied"), CATCH_ALL),
 )
 
+# What the base model (`MoeMtpModel`) saves: the same names without the `model.` prefix, and no head.
+MOE_MTP_BASE = Layout(
+    name="moe_mtp_base",
+    rules=(Omit(r"lm_head\.weight"), Rename(r"model\.(.+)", r"\1")),
+)
+
 # The released layout: the main stack as in moe_mtp; MTP module k is decoder layer N+k plus its own copies of the
 # embedding and the output head. V2-style (softmax) routing stores no router bias.
 DEEPSEEK = Layout(
@@ -122,7 +128,7 @@ TRANSFORMERS = Layout(
     ),
 )
 
-LAYOUTS = {layout.name: layout for layout in (MOE_MTP, DEEPSEEK, TRANSFORMERS)}
+LAYOUTS = {layout.name: layout for layout in (MOE_MTP, MOE_MTP_BASE, DEEPSEEK, TRANSFORMERS)}
 
 
 def _instantiate(rule, k: int, mtp_layer: int):

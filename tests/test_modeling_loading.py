@@ -176,3 +176,35 @@ def test_v2_releases_store_no_router_bias_and_get_no_note(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         load(folder)
     assert "router bias" not in caplog.text
+
+
+def test_base_model_folders_round_trip_and_stay_strict(tmp_path):
+    """`MoeMtpModel.save_pretrained` stores names without the `model.` prefix and no head: such a folder loads back
+    into the base model exactly, into the CausalLM with only the head new, and a truly missing tensor still fails."""
+    from moe_mtp import MoeMtpModel
+
+    config = tiny_config(num_nextn_predict_layers=1)
+    base = MoeMtpModel(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    input_ids = torch.randint(3, config.vocab_size, (2, 9))
+    expected = base(input_ids).last_hidden_state
+
+    reloaded = MoeMtpModel.from_pretrained(tmp_path / "base").eval()
+    torch.testing.assert_close(reloaded(input_ids).last_hidden_state, expected, rtol=0, atol=0)
+    assert len(reloaded.mtp_layers) == 1
+
+    causal, info = MoeMtpForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert set(info["missing_keys"]) == {"lm_head.weight"}
+    torch.testing.assert_close(causal.model.eval()(input_ids).last_hidden_state, expected, rtol=0, atol=0)
+
+    # A CausalLM folder loads into the base model too.
+    causal.save_pretrained(tmp_path / "causal")
+    from_causal = MoeMtpModel.from_pretrained(tmp_path / "causal").eval()
+    torch.testing.assert_close(from_causal(input_ids).last_hidden_state, expected, rtol=0, atol=0)
+
+    shard = tmp_path / "base" / "model.safetensors"
+    tensors = load_file(shard)
+    del tensors["layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"missing from the source \(moe_mtp_base layout\).*experts\.3\.up_proj"):
+        MoeMtpModel.from_pretrained(tmp_path / "base")
