@@ -6,11 +6,14 @@ The balancing bias itself needs none of this: it moves after every optimizer ste
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from .modeling.balancing import take_balance_metrics
 
@@ -122,7 +125,11 @@ class MoeMtpCallback(TrainerCallback):
         }
         self.recorder: LossRecorder | None = None
 
+    def on_init_end(self, args, state, control, **kwargs):
+        _call_before_the_others(self)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        _call_before_the_others(self)  # a callback added with trainer.add_callback after __init__
         if self.recorder is not None:
             self.recorder.remove()
         self.recorder = LossRecorder(model)
@@ -147,6 +154,26 @@ class MoeMtpCallback(TrainerCallback):
         if self.recorder is not None:
             self.recorder.remove()
             self.recorder = None
+
+
+def _call_before_the_others(callback: TrainerCallback) -> None:
+    """Moves `callback` to the front of the `Trainer`'s callback list, so that what its `on_log` adds to `logs`
+    reaches the reporting callbacks (TensorBoard, W&B, MLflow, ...). `Trainer` puts those before the user's
+    callbacks and offers no ordering option, and events carry no reference to the list, so it is found on the
+    caller's frames (the `CallbackHandler` dispatching this event)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        handler = frame.f_locals.get("self")
+        if isinstance(handler, CallbackHandler) and any(c is callback for c in handler.callbacks):
+            # A new list: the handler may be iterating over the old one right now.
+            handler.callbacks = [callback, *(c for c in handler.callbacks if c is not callback)]
+            return
+        frame = frame.f_back
+    warnings.warn(
+        f"{type(callback).__name__} could not move ahead of the reporting callbacks: its metrics reach "
+        "trainer.state.log_history but may miss TensorBoard/W&B/MLflow",
+        stacklevel=2,
+    )
 
 
 def apply_schedules(config, schedules: dict[str, StepSchedule], step: int, total_steps: int) -> None:

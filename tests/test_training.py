@@ -120,3 +120,31 @@ def test_trainer_lora_on_experts_logs_the_loss_parts_and_moves_the_bias(tmp_path
         assert entry["loss"] == pytest.approx(total, rel=1e-3)
     assert balancing_state(model.model).updates == 10
     assert any(not torch.equal(b, r.e_score_correction_bias) for b, r in zip(before, model.moe_routers(), strict=True))
+
+
+@pytest.mark.parametrize("added_after_init", [False, True])
+def test_callback_metrics_reach_tensorboard(tmp_path, added_after_init):
+    """Trainer runs the reporting callbacks before the user's; the callback's metrics must still reach them."""
+    from datasets import Dataset
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import Trainer, TrainingArguments
+
+    model = MoeMtpForCausalLM(tiny_config("v3", num_nextn_predict_layers=1, seq_aux_loss_alpha=1e-2))
+    rows = torch.randint(3, 128, (4, 16)).tolist()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+        report_to=["tensorboard"], use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    data = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    if added_after_init:
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.add_callback(MoeMtpCallback())
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[MoeMtpCallback()])
+    trainer.train()
+
+    (events,) = {path.parent for path in tmp_path.rglob("events.out.tfevents.*")}
+    scalars = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    for tag in ("train/loss", "train/main_loss", "train/mtp_loss_1", "train/balance_loss"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert any(tag.startswith("train/max_vio/") for tag in scalars), sorted(scalars)
