@@ -154,3 +154,56 @@ def test_subfolder_is_honoured_for_both_layouts(tmp_path, layout):
         write_released(tmp_path / "repo" / "sub", release_config())
     model, info = MoeMtpForCausalLM.from_pretrained(tmp_path / "repo", subfolder="sub", output_loading_info=True)
     assert isinstance(model, MoeMtpForCausalLM) and not info["missing_keys"]
+
+
+# ------------------------------------------------------------------------------------------------------ deprecations
+
+# Run with every FutureWarning and DeprecationWarning turned into an error, as `python -W error::...` does.
+WARNING_PATHS = r"""
+import subprocess, sys, tempfile, warnings
+sys.path.insert(0, "tests")
+import torch
+from conftest import tiny_config
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments
+from moe_mtp import MoeMtpForCausalLM, MoeMtpModel
+from moe_mtp.training import MoeMtpCallback
+
+# Not ours: peft (0.21) reads the deprecated `is_gradient_checkpointing` of every model it wraps.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+folder = tempfile.mkdtemp()
+config = tiny_config(num_nextn_predict_layers=1)
+model = MoeMtpForCausalLM(config)
+input_ids = torch.randint(3, 100, (2, 12))
+model(input_ids, labels=input_ids).loss.backward()
+model.eval()
+model.generate(input_ids, max_new_tokens=4, do_sample=False)
+model.generate(input_ids, max_new_tokens=4, do_sample=False, use_mtp=True)
+model.save_pretrained(folder + "/causal")
+MoeMtpForCausalLM.from_pretrained(folder + "/causal")
+MoeMtpModel(config).save_pretrained(folder + "/base")
+MoeMtpModel.from_pretrained(folder + "/base")
+lora = get_peft_model(MoeMtpForCausalLM(config), LoraConfig(r=4, target_modules=["q_b_proj", "gate_proj"]))
+args = TrainingArguments(folder + "/trainer", max_steps=1, per_device_train_batch_size=2, report_to=[],
+                         use_cpu=True, save_strategy="no", disable_tqdm=True)
+rows = input_ids.tolist()
+data = Dataset.from_dict({"input_ids": rows, "labels": rows})
+Trainer(model=lora, args=args, train_dataset=data, callbacks=[MoeMtpCallback()]).train()
+flags = ["-W", "error::FutureWarning", "-W", "error::DeprecationWarning"]
+subprocess.run([sys.executable, *flags, "-m", "moe_mtp.conversion", folder + "/causal", folder + "/released",
+                "--to", "deepseek", "--dtype", "fp8"], check=True)
+print("no warning")
+"""
+
+
+def test_main_paths_raise_no_deprecation_warning():
+    """Forward with labels, generate with and without MTP, save/load of both classes, a LoRA Trainer step and the
+    conversion CLI, under `-W error::FutureWarning -W error::DeprecationWarning`."""
+    import subprocess
+    import sys
+
+    flags = ["-W", "error::FutureWarning", "-W", "error::DeprecationWarning"]
+    result = subprocess.run([sys.executable, *flags, "-c", WARNING_PATHS], capture_output=True, text=True)
+    assert result.returncode == 0 and "no warning" in result.stdout, result.stderr[-4000:]

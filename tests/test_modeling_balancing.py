@@ -112,7 +112,7 @@ def test_checkpointing_recomputation_is_not_counted_in_the_update():
         torch.manual_seed(0)
         model = make_model().train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         model(tokens(0), labels=tokens(0)).loss.backward()
         optimizer.step()

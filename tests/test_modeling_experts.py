@@ -97,6 +97,22 @@ def test_expert_weights_are_views_into_one_buffer_per_projection():
     assert torch.equal(gate_up[2, 32:], experts[2].up_proj.weight)
 
 
+def test_packed_experts_are_not_tied(tmp_path):
+    """Views into one buffer are not weight tying: accelerate's tie finder sees only the declared head tie, and a
+    save writes each expert as its own tensor with its own values."""
+    from accelerate.utils import find_tied_parameters
+
+    model = make_model()
+    assert find_tied_parameters(model) == []
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        for expert in range(8):
+            for projection in ("gate_proj", "up_proj", "down_proj"):
+                key = f"model.layers.1.mlp.experts.{expert}.{projection}.weight"
+                saved = f.get_tensor(key)
+                assert torch.equal(saved, getattr(model.model.layers[1].mlp.experts[expert], projection).weight), key
+
+
 # ------------------------------------------------------------------------------------------ the fast path stays on
 
 
@@ -166,7 +182,7 @@ def test_grouped_path_through_trainer_steps_and_reload(tmp_path):
 
 def test_gradient_checkpointing_and_deepcopy_keep_the_grouped_path():
     model = make_model()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     input_ids = batch()
     model(input_ids, labels=input_ids).loss.backward()
