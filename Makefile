@@ -6,20 +6,39 @@ PY := $(VENV)/bin/python
 # Pinned and installed before the package: a bare `torch` requirement may resolve to a multi-GB CUDA build,
 # while this exact version is found as a local CPU wheel through pip's configuration.
 TORCH_SPEC ?= torch==2.13.0
-# Extra pytest arguments, e.g. `make test PYTEST_ARGS=tests/test_configuration.py`.
+# Extra pytest arguments, e.g. `make test-newest PYTEST_ARGS=tests/test_configuration.py`.
 PYTEST_ARGS ?=
+# pip constraints for the package install; `make test-oldest` pins the lowest versions pyproject.toml allows.
+CONSTRAINTS ?=
+OLDEST_VENV ?= .venv-oldest
+OLDEST_CONSTRAINTS := .ci/oldest-versions.txt
 
 # Stamps live inside the venv so that deleting .venv resets them too.
 VENV_STAMP := $(VENV)/.moe-mtp-venv
 INSTALL_STAMP := $(VENV)/.moe-mtp-installed
 
-.PHONY: test lint bench clean distclean install quickstart
+.PHONY: test test-newest test-oldest test-transformers lint bench clean distclean install quickstart
 
-test: $(INSTALL_STAMP)
+# The version matrix CI runs: the newest transformers/peft/accelerate, then the oldest that pyproject.toml allows.
+test: test-newest test-oldest
+
+# ruff, our suite, then transformers' own common model tests, in .venv (the newest releases when it is created).
+test-newest: $(INSTALL_STAMP)
 	$(VENV)/bin/ruff check .
 	@# Formatting is advisory: report drift without failing the build.
 	@$(VENV)/bin/ruff format --check . >/dev/null 2>&1 || echo "note: 'ruff format --check .' reports unformatted files"
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-transformers VENV=$(VENV) CONSTRAINTS=$(CONSTRAINTS)
+
+# The same in .venv-oldest, with the lower bounds of pyproject.toml pinned (tests/test_packaging.py keeps them equal).
+test-oldest:
+	$(MAKE) --no-print-directory test-newest VENV=$(OLDEST_VENV) CONSTRAINTS=$(OLDEST_CONSTRAINTS)
+
+# transformers' ModelTesterMixin, ConfigTester and TrainingTesterMixin, from the sdist of the installed release.
+test-transformers: $(INSTALL_STAMP)
+	$(PY) tests/transformers_common/prepare.py $(VENV)/transformers-tests
+	MOE_MTP_TRANSFORMERS_TESTS=$(VENV)/transformers-tests RUN_TRAINING_TESTS=1 \
+		$(PY) -m pytest -q tests/transformers_common
 
 lint: $(INSTALL_STAMP)
 	$(VENV)/bin/ruff check .
@@ -33,8 +52,8 @@ $(VENV_STAMP):
 	touch $@
 
 # Re-install only when the package metadata changed; code changes need nothing (editable install).
-$(INSTALL_STAMP): pyproject.toml $(VENV_STAMP)
-	$(PY) -m pip install -e '.[dev]'
+$(INSTALL_STAMP): pyproject.toml $(CONSTRAINTS) $(VENV_STAMP)
+	$(PY) -m pip install -e '.[dev]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $@
 
 # Runs every benchmarks/*.py script (files starting with `_` are helpers); stops at the first failure.
@@ -66,4 +85,4 @@ clean:
 
 # Everything `clean` removes, plus the venv.
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OLDEST_VENV)

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ("configuration", "modeling", "conversion")
 # Not part of the source a wheel is built from; `shared` would only be large reference data.
 _NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "outputs",
+    ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "outputs",
     "*.partial", "shared",
 )  # fmt: skip
 
@@ -132,3 +132,30 @@ def test_wheel_installs_into_fresh_venv(built, tmp_path):
     assert result["import_modeling"] == "failed"
     assert result["training_modules"] == ["moe_mtp.train", "moe_mtp.training", "moe_mtp.modeling.balancing"]
     assert (venv / "bin" / "moe-mtp-convert").exists(), "console script moe-mtp-convert was not installed"
+
+
+def test_oldest_pins_are_the_lower_bounds_of_pyproject():
+    """`make test-oldest` tests the lowest versions pyproject.toml allows, so the two lists must not drift apart."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    lower_bounds = {}
+    for line in dependencies:
+        requirement = Requirement(line)
+        for specifier in requirement.specifier:
+            if specifier.operator == ">=":
+                lower_bounds[requirement.name] = specifier.version
+    pins = {}
+    for line in (REPO / ".ci" / "oldest-versions.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            (specifier,) = requirement.specifier
+            pins[requirement.name] = specifier.version
+    assert set(pins) == {"transformers", "peft", "accelerate"}
+    for name, version in pins.items():
+        assert name in lower_bounds, (
+            f"pyproject.toml gives {name} no lower bound; .ci/oldest-versions.txt pins {version}"
+        )
+        assert Version(lower_bounds[name]) == Version(version), (name, lower_bounds[name], version)
