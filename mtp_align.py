@@ -52,9 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--mtp-init",
-        choices=["copy-last", "random"],
-        default="copy-last",
-        help="--add-mtp: new modules copy the last decoder layer's attention and MLP (else random init).",
+        choices=["random", "copy-last"],
+        default="random",
+        help="--add-mtp: new modules start from the model's initializer, or copy the last decoder layer's attention "
+        "and MLP (measured slower to align; docs/training.md).",
     )
     group.add_argument("--load-in-8bit", action="store_true", help="Load the frozen main model in bitsandbytes int8.")
     group.add_argument("--load-in-4bit", action="store_true", help="Load the frozen main model in bitsandbytes nf4.")
@@ -164,7 +165,7 @@ def init_new_modules(model, folder, first_new: int, how: str) -> None:
     prefix = f"model.layers.{last}."
     state = lazy_state_dict(folder)
     try:
-        block = {key[len(prefix) :]: state[key] for key in state.keys() if key.startswith(prefix)}
+        block = {key[len(prefix) :]: state[key][...] for key in state.keys() if key.startswith(prefix)}
     finally:
         state.close()
     hidden = model.config.hidden_size
