@@ -124,7 +124,7 @@ def quantization_config(args):
     from transformers import BitsAndBytesConfig
 
     # The MTP modules train, so they stay in full precision; the head is shared with them.
-    skip = ["lm_head", "mtp_layers"]
+    skip = ["lm_head", "model.mtp_layers"]
     if args.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
