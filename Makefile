@@ -66,17 +66,30 @@ bench: $(INSTALL_STAMP)
 	[ $$found = 1 ] || echo "no benchmark scripts under benchmarks/ yet"
 
 # --- quickstart -------------------------------------------------------------------------------------------------
-# Trains a small MoE+MTP model from scratch on the stdlib's English text (python -m moe_mtp.train), then generates
-# with and without MTP speculation. `--resume` makes a second `make quickstart` continue (or just reuse) the run
-# in QUICKSTART_DIR instead of refusing to touch it. A test runs it with QUICKSTART_ARGS=--smoke GENERATE_ARGS=--smoke.
+# 1. writes a code corpus from this Python's own stdlib sources (moe_mtp.corpora; held-out files kept apart);
+# 2. trains a small MoE+MTP code model on it from scratch (python -m moe_mtp.train), 8 thin layers so that the
+#    MTP module is a small share of a decoding step;
+# 3. re-aligns its MTP module on the model's own predictions (--mtp-only; the main model is left bit-identical);
+# 4. generates on held-out files with and without MTP speculation, before and after, and prints acceptance and
+#    the speed ratio. `--resume` makes a second `make quickstart` reuse the finished run in QUICKSTART_DIR.
+# A test runs it with QUICKSTART_ARGS=--smoke GENERATE_ARGS=--smoke.
 QUICKSTART_DIR ?= outputs/quickstart
-QUICKSTART_ARGS ?= --max-steps 600
+QUICKSTART_CORPUS_BYTES ?= 6000000
+QUICKSTART_MODEL ?= --num-layers 8 --hidden-size 192 --intermediate-size 384 --moe-intermediate-size 96 \
+	--q-lora-rank 96 --kv-lora-rank 64 --lr 2e-3
+QUICKSTART_ARGS ?= --max-steps 400
+ALIGN_ARGS ?= --max-steps 150
 GENERATE_ARGS ?=
 
 quickstart: $(INSTALL_STAMP)
-	$(PY) -m moe_mtp.train --output-dir $(QUICKSTART_DIR) --resume $(QUICKSTART_ARGS)
-	$(PY) examples/speculative_generate.py --model $(QUICKSTART_DIR)/model $(GENERATE_ARGS)
-	@echo "quickstart: plots, metrics and the Hub-ready model folder are in $(QUICKSTART_DIR)/"
+	$(PY) -m moe_mtp.corpora stdlib-code $(QUICKSTART_DIR)/corpus --max-bytes $(QUICKSTART_CORPUS_BYTES)
+	$(PY) -m moe_mtp.train --data $(QUICKSTART_DIR)/corpus/train.jsonl --output-dir $(QUICKSTART_DIR) --resume \
+		$(QUICKSTART_MODEL) $(QUICKSTART_ARGS)
+	$(PY) -m moe_mtp.train --mtp-only --model $(QUICKSTART_DIR)/model --data $(QUICKSTART_DIR)/corpus/train.jsonl \
+		--output-dir $(QUICKSTART_DIR)/aligned --overwrite $(filter --smoke --no-progress,$(QUICKSTART_ARGS)) $(ALIGN_ARGS)
+	$(PY) examples/speculative_generate.py --model $(QUICKSTART_DIR)/model $(QUICKSTART_DIR)/aligned/model \
+		--prompts $(QUICKSTART_DIR)/corpus/heldout.jsonl --output-dir $(QUICKSTART_DIR) $(GENERATE_ARGS)
+	@echo "quickstart: plots, metrics and the Hub-ready model folders (model/, aligned/model/) are in $(QUICKSTART_DIR)/"
 
 # Build outputs and caches; leaves .venv and outputs/ (training results) alone.
 clean:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import mtp_align
 from .configuration import MoeMtpConfig
 from .hub import TRAINING_SUMMARY
 from .modeling import MoeMtpForCausalLM
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--eval-batches", type=int, default=20, help="Eval micro-batches per process; 0: all blocks.")
     loop.add_argument("--save-every", type=int, default=100, help="Checkpoint every N steps; 0: only at the end.")
     loop.add_argument("--keep-checkpoints", type=int, default=2, help="Complete checkpoints kept.")
+    mtp_align.add_arguments(p)
     return p
 
 
@@ -706,9 +708,10 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    summary = train(parse_args(argv))
+    args = parse_args(argv)
+    summary = mtp_align.run(args) if args.mtp_only or args.add_mtp is not None else train(args)
     if summary is not None and os.environ.get("RANK", "0") == "0":
-        print(json.dumps({k: v for k, v in summary.items() if k != "fingerprint"}))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("fingerprint", "history")}))
 
 
 if __name__ == "__main__":

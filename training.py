@@ -115,15 +115,32 @@ class MoeMtpCallback(TrainerCallback):
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[MoeMtpCallback(mtp_loss_weight="0.3,0.1@0.7")])
     ```
     Schedules left as None keep the config's values. The bias update itself needs no callback.
+
+    `mtp_loss_targets="self_kl"` (or `"self_greedy"`) makes the MTP modules learn the main model's own predictions
+    instead of the text (self-distillation, see `MoeMtpConfig.mtp_loss_targets`), so that a fine-tune does not leave
+    them stale; `mtp_only=True` also freezes every other weight and the balancing bias, which is what
+    `python -m moe_mtp.train --mtp-only` does. Both are undone when training ends.
     """
 
-    def __init__(self, mtp_loss_weight: str | float | None = None, bias_update_speed: str | float | None = None):
+    def __init__(
+        self,
+        mtp_loss_weight: str | float | None = None,
+        bias_update_speed: str | float | None = None,
+        mtp_loss_targets: str | None = None,
+        mtp_only: bool = False,
+    ):
         self.schedules = {
             name: StepSchedule.parse(value, name)
             for name, value in (("mtp_loss_weight", mtp_loss_weight), ("bias_update_speed", bias_update_speed))
             if value is not None
         }
+        if mtp_only and bias_update_speed is not None:
+            raise ValueError("MoeMtpCallback(mtp_only=True) freezes the balancing bias; drop bias_update_speed")
+        if mtp_only and mtp_loss_targets is None:
+            mtp_loss_targets = "self_kl"
+        self.mtp_loss_targets, self.mtp_only = mtp_loss_targets, mtp_only
         self.recorder: LossRecorder | None = None
+        self._restore: dict = {}
 
     def on_init_end(self, args, state, control, **kwargs):
         _call_before_the_others(self)
@@ -133,6 +150,18 @@ class MoeMtpCallback(TrainerCallback):
         if self.recorder is not None:
             self.recorder.remove()
         self.recorder = LossRecorder(model)
+        config = self.recorder.model.config
+        if self.mtp_loss_targets is not None:
+            self._restore = {"mtp_loss_targets": config.mtp_loss_targets, "bias_update_speed": config.bias_update_speed}
+            config.mtp_loss_targets = self.mtp_loss_targets
+        if self.mtp_only:
+            trainable = 0
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_("mtp_layers." in name)
+                trainable += parameter.requires_grad
+            if not trainable:
+                raise ValueError("MoeMtpCallback(mtp_only=True): the model has no MTP modules to train")
+            config.bias_update_speed = 0.0  # main-model buffers stay as they are
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.recorder is not None:
@@ -152,6 +181,8 @@ class MoeMtpCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
+            for name, value in self._restore.items():
+                setattr(self.recorder.model.config, name, value)
             self.recorder.remove()
             self.recorder = None
 

@@ -16,6 +16,7 @@ HIDDEN_ACTS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 # Every type of transformers' rope registry, as for its DeepseekV3 (`dynamic`/`longrope` also rescale at runtime).
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
 MLA_DECODE_MODES = ("auto", "absorbed", "expanded")
+MTP_LOSS_TARGETS = ("labels", "self_kl", "self_greedy")
 
 
 class MoeMtpConfig(PretrainedConfig):
@@ -121,6 +122,10 @@ class MoeMtpConfig(PretrainedConfig):
     """Number of Multi-Token Prediction modules (depth D); 0 makes a plain decoder."""
     mtp_loss_weight: float = 0.3
     """Weight lambda of the mean MTP loss added to the main loss."""
+    mtp_loss_targets: str = "labels"
+    """What the MTP modules learn to predict: `labels` (the text, DeepSeek-V3's pretraining objective), or the main
+    model's own next-token predictions at the same position (self-distillation, which is what raises draft
+    acceptance): `self_kl` (KL to its distribution) or `self_greedy` (cross-entropy to its argmax)."""
     bias_update_speed: float = 1e-3
     """Speed gamma of the auxiliary-loss-free balancing bias update; 0 disables it."""
     seq_aux_loss_alpha: float = 1e-4
@@ -212,6 +217,8 @@ class MoeMtpConfig(PretrainedConfig):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
                 fail(field, f"must be a non-negative number, got {value!r}")
+        if self.mtp_loss_targets not in MTP_LOSS_TARGETS:
+            fail("mtp_loss_targets", f"must be one of {MTP_LOSS_TARGETS}, got {self.mtp_loss_targets!r}")
         if self.mla_decode not in MLA_DECODE_MODES:
             fail("mla_decode", f"must be one of {MLA_DECODE_MODES}, got {self.mla_decode!r}")
         if self.num_mtp_draft_tokens is not None and (

@@ -30,7 +30,7 @@ REQUIRED_MOE_FIELDS = ("moe_intermediate_size", "num_experts_per_tok", "n_shared
 FOREIGN_FIELDS = ("quantization_config", "auto_map", "head_dim", "qk_head_dim", "rope_interleave", "num_mtp_layers",
                   "torch_dtype", "dtype", "architectures", "model_type")  # fmt: skip
 # Training-only fields of moe_mtp that released configs do not have.
-MOE_MTP_ONLY_FIELDS = ("mtp_loss_weight", "bias_update_speed", "seq_aux_loss_alpha")
+MOE_MTP_ONLY_FIELDS = ("mtp_loss_weight", "mtp_loss_targets", "bias_update_speed", "seq_aux_loss_alpha")
 
 # DeepSeek-V2 defaults that differ from moe_mtp's (V3) defaults, used when a V2 config leaves them out.
 V2_DEFAULTS = {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False,

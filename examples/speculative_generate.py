@@ -8,6 +8,7 @@ forward, so each step can emit more than one token. Under greedy decoding the ou
     python examples/speculative_generate.py --smoke                         # seconds: a tiny, briefly trained model
     python examples/speculative_generate.py --model outputs/pretrain/model  # a model you trained
     python examples/speculative_generate.py                                 # trains a small one first (a minute)
+    python examples/speculative_generate.py --model BEFORE AFTER --prompts heldout.jsonl   # e.g. around --mtp-only
 
 Acceptance depends on training: an MTP module trained alongside its model agrees with it often; a barely trained
 one rarely does, and then speculation costs more than it saves.
@@ -15,6 +16,7 @@ one rarely does, and then speculation costs more than it saves.
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -29,9 +31,7 @@ PROMPTS = ["The for statement is used to", "A class definition", "Exceptions can
 
 
 def trained_model(args) -> str:
-    """--model, or a model trained here by `python -m moe_mtp.train` on the stdlib's English text."""
-    if args.model:
-        return args.model
+    """A model trained here by `python -m moe_mtp.train` on the stdlib's English text."""
     run = Path(args.output_dir) / "train"
     if not (run / "model").is_dir():
         # the smoke-sized model; without --smoke it trains 25 times longer, so its MTP module agrees more often
@@ -48,44 +48,96 @@ def timed_generate(model, inputs, **kwargs):
     return out, time.perf_counter() - start
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="A trained moe_mtp folder with its tokenizer.")
-    parser.add_argument("--output-dir", default="outputs/speculative", help="Where a model is trained if needed.")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--smoke", action="store_true", help="A tiny model and few tokens: seconds.")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.max_new_tokens = min(args.max_new_tokens, 16)
+def prompt_batches(args, tokenizer) -> list[dict]:
+    """Batches of --batch-size prompts: the built-in sentences, or the first --prompt-tokens tokens of the documents
+    of a held-out .jsonl file (`text` field), such as the quickstart corpus's heldout.jsonl."""
+    if args.prompts:
+        texts = [json.loads(line)["text"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"][: args.prompt_tokens] for text in texts]
+        texts = [tokenizer.decode(row) for row in ids if len(row) == args.prompt_tokens][: args.num_prompts]
+        if not texts:
+            raise SystemExit(f"--prompts {args.prompts}: no document has {args.prompt_tokens} tokens")
+    else:
+        texts = PROMPTS
+    return [
+        tokenizer(texts[i : i + args.batch_size], return_tensors="pt", padding=True)
+        for i in range(0, len(texts), args.batch_size)
+    ]
 
-    folder = trained_model(args)
+
+def compare(folder: str, args) -> dict:
+    """Plain and use_mtp=True greedy generation on the same prompts, alternating over --repeats runs (so that a
+    busy machine slows both alike); the speed ratio is the ratio of the median total times."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"  # decoder-only batches are padded on the left
     model = MoeMtpForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    batches = prompt_batches(args, tokenizer)
     # use_cache: a folder saved with use_cache=false (as training scripts often do) would time plain decoding
     # without its KV cache.
     common = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                   pad_token_id=tokenizer.pad_token_id, use_cache=True)  # fmt: skip
 
-    timed_generate(model, inputs, max_new_tokens=2, pad_token_id=tokenizer.pad_token_id)  # warm-up
-    plain, plain_s = timed_generate(model, inputs, **common)
-    mtp, mtp_s = timed_generate(model, inputs, use_mtp=True, **common)
-    stats = model.last_mtp_stats
-    new_tokens = plain[:, inputs["input_ids"].shape[1] :].numel()
+    timed_generate(model, batches[0], max_new_tokens=2, pad_token_id=tokenizer.pad_token_id)  # warm-up
+    plain_times, mtp_times, identical, accepted, drafted, steps_rows = [], [], True, 0, 0, 0
+    for repeat in range(args.repeats):
+        plain_total = mtp_total = 0.0
+        for inputs in batches:
+            plain, plain_s = timed_generate(model, inputs, **common)
+            mtp, mtp_s = timed_generate(model, inputs, use_mtp=True, **common)
+            plain_total, mtp_total = plain_total + plain_s, mtp_total + mtp_s
+            identical &= torch.equal(plain, mtp)
+            if repeat == 0:
+                stats = model.last_mtp_stats
+                accepted, drafted, steps_rows = (
+                    accepted + stats.accepted,
+                    drafted + stats.drafted,
+                    steps_rows + stats.steps_rows,
+                )
+        plain_times.append(plain_total)
+        mtp_times.append(mtp_total)
+    new_tokens = sum(inputs["input_ids"].shape[0] for inputs in batches) * args.max_new_tokens
+    plain_s, mtp_s = statistics.median(plain_times), statistics.median(mtp_times)
     result = {
-        "identical": torch.equal(plain, mtp), "acceptance_rate": stats.acceptance_rate,
-        "tokens_per_step": stats.tokens_per_step, "plain_tokens_per_s": new_tokens / plain_s,
-        "mtp_tokens_per_s": new_tokens / mtp_s, "speedup": plain_s / mtp_s,
+        "model": folder, "identical": identical, "acceptance_rate": accepted / max(drafted, 1),
+        "tokens_per_step": (accepted + steps_rows) / max(steps_rows, 1), "plain_tokens_per_s": new_tokens / plain_s,
+        "mtp_tokens_per_s": new_tokens / mtp_s, "speedup": plain_s / mtp_s, "prompts": new_tokens // args.max_new_tokens,
+        "batch_size": args.batch_size, "threads": torch.get_num_threads(),
     }  # fmt: skip
-    print(f"MTP drafts accepted: {stats.accepted}/{stats.drafted} ({100 * stats.acceptance_rate:.0f}%), "
-          f"{stats.tokens_per_step:.2f} tokens per verification forward")  # fmt: skip
-    print(f"plain: {result['plain_tokens_per_s']:.1f} tokens/s; use_mtp: {result['mtp_tokens_per_s']:.1f} tokens/s; "
+    print(f"{folder}: MTP drafts accepted: {accepted}/{drafted} ({100 * result['acceptance_rate']:.0f}%), "
+          f"{result['tokens_per_step']:.2f} tokens per verification forward")  # fmt: skip
+    print(f"  plain: {result['plain_tokens_per_s']:.1f} tokens/s; use_mtp: {result['mtp_tokens_per_s']:.1f} tokens/s; "
           f"speed ratio {result['speedup']:.2f}x; greedy outputs identical: {result['identical']}")  # fmt: skip
-    print("sample:", repr(tokenizer.decode(mtp[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)))
+    print("  sample:", repr(tokenizer.decode(mtp[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)))
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=None,
+                        help="Trained moe_mtp folder(s) with their tokenizer; several are compared on the same prompts "
+                        "(e.g. a model before and after --mtp-only).")  # fmt: skip
+    parser.add_argument("--output-dir", default="outputs/speculative", help="Where a model is trained if needed.")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", default=None, help="A .jsonl file of held-out documents to take prompts from.")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="Prompt length taken from --prompts.")
+    parser.add_argument("--num-prompts", type=int, default=8, help="Prompts taken from --prompts.")
+    parser.add_argument("--batch-size", type=int, default=1, help="Prompts per generate call.")
+    parser.add_argument("--repeats", type=int, default=3, help="Alternating plain/MTP runs; medians are compared.")
+    parser.add_argument("--smoke", action="store_true", help="A tiny model and few tokens: seconds.")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.max_new_tokens, args.repeats, args.num_prompts = min(args.max_new_tokens, 16), 1, min(args.num_prompts, 2)
+
+    folders = args.model or [trained_model(args)]
+    results = [compare(folder, args) for folder in folders]
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        print(f"acceptance {first['acceptance_rate']:.2f} -> {last['acceptance_rate']:.2f}; "
+              f"speed ratio {first['speedup']:.2f}x -> {last['speedup']:.2f}x")  # fmt: skip
+    result = {**results[-1], "models": results}
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
-    if not result["identical"]:
+    if not all(r["identical"] for r in results):
         raise SystemExit("greedy outputs differ between plain and use_mtp=True generation")
     return result
 

@@ -1236,7 +1236,15 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
                 logits, labels, vocab_size=config.vocab_size, shift_labels=shift_labels, **loss_kwargs
             )
             if mtp_logits:
-                per_depth = self.mtp_losses(mtp_logits, shift_labels, attention_mask, loss_kwargs)
+                if config.mtp_loss_targets == "labels":
+                    per_depth = self.mtp_losses(mtp_logits, shift_labels, attention_mask, loss_kwargs)
+                else:
+                    if logits.shape[1] != hidden_states.shape[1]:
+                        raise ValueError(
+                            f"mtp_loss_targets={config.mtp_loss_targets!r} distills the main model's predictions at "
+                            "every position: call the model with logits_to_keep=0."
+                        )
+                    per_depth = self.mtp_distillation_losses(mtp_logits, logits, shift_labels, attention_mask)
                 counted = [depth_loss for depth_loss in per_depth if depth_loss is not None]
                 mtp_losses = tuple(
                     depth_logits.sum() * 0 if depth_loss is None else depth_loss
@@ -1321,6 +1329,29 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
                     depth_logits, None, vocab_size=self.config.vocab_size, shift_labels=targets, **loss_kwargs
                 )
             )
+        return losses
+
+    def mtp_distillation_losses(self, mtp_logits, main_logits, shift_labels, attention_mask) -> list:
+        """Self-distillation losses of each MTP depth k (`config.mtp_loss_targets`): slot i predicts token i + k + 1,
+        which the main model predicts at position i + k, so the target is the main model's (detached) output there:
+        its distribution (`self_kl`, KL(main || MTP)) or its argmax (`self_greedy`). Slots count where the text has a
+        label there (not -100) and the slot is real; a depth with none gives None, as in `mtp_losses`."""
+        losses = []
+        for depth, depth_logits in enumerate(mtp_logits, start=1):
+            valid = shift_labels[:, depth:] != -100
+            slots = mtp_slot_mask(attention_mask, depth)
+            if slots is not None:
+                valid = valid & (slots.to(valid.device) != 0)
+            if not valid.any():
+                losses.append(None)
+                continue
+            student = F.log_softmax(depth_logits[valid].float(), dim=-1)
+            teacher = main_logits[:, depth:][valid].detach().float()
+            if self.config.mtp_loss_targets == "self_greedy":
+                losses.append(F.nll_loss(student, teacher.argmax(dim=-1)))
+            else:
+                teacher = F.log_softmax(teacher, dim=-1)
+                losses.append(F.kl_div(student, teacher, log_target=True, reduction="batchmean"))
         return losses
 
     def moe_routers(self) -> list[MoeMtpTopkRouter]:

@@ -107,7 +107,14 @@ def test_moe_mtp_to_deepseek_bf16_and_back_is_bit_exact(tmp_path):
     assert set(back) == set(ours) and all(same_bits(back[k], ours[k]) for k in ours)
     before = json.loads((src / "config.json").read_text())
     after = json.loads((tmp_path / "back" / "config.json").read_text())
-    for field in ("mtp_loss_weight", "bias_update_speed", "seq_aux_loss_alpha", "dtype", "transformers_version"):
+    for field in (
+        "mtp_loss_weight",
+        "mtp_loss_targets",
+        "bias_update_speed",
+        "seq_aux_loss_alpha",
+        "dtype",
+        "transformers_version",
+    ):
         before.pop(field, None), after.pop(field, None)
     assert after == before
 

@@ -16,7 +16,8 @@ def test_make_quickstart_smoke(tmp_path):
     out = tmp_path / "quickstart"
     command = [
         "make", "-C", str(REPO), "quickstart", f"PY={sys.executable}", f"QUICKSTART_DIR={out}",
-        "QUICKSTART_ARGS=--smoke --no-progress", "GENERATE_ARGS=--smoke",
+        "QUICKSTART_ARGS=--smoke --no-progress", "GENERATE_ARGS=--smoke", "QUICKSTART_CORPUS_BYTES=400000",
+        "ALIGN_ARGS=--max-steps 20",
         "-o", ".venv/.moe-mtp-installed",  # the venv running this test is the one to use; never rebuild it here
     ]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -34,6 +35,10 @@ def test_make_quickstart_smoke(tmp_path):
     assert json.loads((model / "generation_config.json").read_text()).get("use_cache", True) is True
     text = proc.stdout.lower()
     assert "drafts accepted" in text and "speed ratio" in text and "quickstart:" in text
+    assert "acceptance on held-out text before" in text and "bit-identical" in text  # the --mtp-only step
+    result = json.loads((out / "speculative.json").read_text())
+    assert [r["model"] for r in result["models"]] == [str(model), str(out / "aligned" / "model")]
+    assert all(r["identical"] for r in result["models"])
 
     # A second run reuses the finished run instead of refusing the existing folder.
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)

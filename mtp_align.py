@@ -1,0 +1,413 @@
+"""`python -m moe_mtp.train --mtp-only` / `--add-mtp N`: re-align (or add) the MTP modules of a finished model.
+
+    python -m moe_mtp.train --mtp-only --model DIR --data PATH --output-dir OUT
+    python -m moe_mtp.train --add-mtp 1 --model DIR_WITHOUT_MTP --data PATH --output-dir OUT --max-steps 300
+
+Every main-model weight is frozen. Only the MTP modules train, by self-distillation: at slot i, depth k sees the main
+model's hidden state at i and the embedding of token i + k, and learns the main model's own prediction at position
+i + k (its distribution, `--mtp-targets self_kl`, or its argmax, `self_greedy`), which is exactly what
+`generate(use_mtp=True)` accepts. The text itself only supplies contexts.
+
+`OUT/model` is a from_pretrained folder: the input folder's main-model tensors unchanged (it is written from a fresh,
+unquantized load of the input, and every main tensor is compared with the input's before the folder is renamed into
+place) plus the trained MTP modules. Greedy draft acceptance on held-out text is printed before and after: the
+blocks of PATH after the first 1 - `--eval-fraction`, never used for alignment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+MTP_PREFIX = "model.mtp_layers."
+ALIGN_SUMMARY = "mtp_align.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("MTP alignment (--mtp-only / --add-mtp; see moe_mtp/mtp_align.py)")
+    group.add_argument(
+        "--mtp-only",
+        action="store_true",
+        help="Freeze the main model of --model and train only its MTP modules on its own predictions.",
+    )
+    group.add_argument(
+        "--add-mtp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Give --model N MTP modules (new ones initialized from its last layer), then train them as --mtp-only.",
+    )
+    group.add_argument(
+        "--mtp-targets",
+        choices=["self_kl", "self_greedy"],
+        default="self_kl",
+        help="Distill the main model's distribution (KL) or its greedy tokens (cross-entropy).",
+    )
+    group.add_argument(
+        "--mtp-init",
+        choices=["random", "copy-last"],
+        default="random",
+        help="--add-mtp: new modules start from the model's initializer, or copy the last decoder layer's attention "
+        "and MLP (measured slower to align; docs/training.md).",
+    )
+    group.add_argument("--load-in-8bit", action="store_true", help="Load the frozen main model in bitsandbytes int8.")
+    group.add_argument("--load-in-4bit", action="store_true", help="Load the frozen main model in bitsandbytes nf4.")
+    group.add_argument(
+        "--acceptance-prompts", type=int, default=8, help="Held-out prompts for the decoding acceptance."
+    )
+    group.add_argument("--acceptance-tokens", type=int, default=64, help="Tokens generated per acceptance prompt.")
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+def read_documents(args) -> list[str]:
+    """The documents of --data (the same file kinds as training), or the training script's default corpus."""
+    if not args.data:
+        from pydoc_data.topics import topics
+
+        documents = [topics[name] for name in sorted(topics)]
+    else:
+        import datasets
+
+        missing = [path for path in args.data if not os.path.exists(path)]
+        if missing:
+            raise SystemExit(f"--data: no such file(s): {missing} (--mtp-only reads local files)")
+        builders = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+        suffixes = {Path(path).suffix for path in args.data}
+        if len(suffixes) != 1 or next(iter(suffixes)) not in builders:
+            raise SystemExit(f"--data: give files of one kind among {sorted(builders)}, got {args.data}")
+        builder = builders[suffixes.pop()]
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        dataset = datasets.load_dataset(builder, data_files=list(args.data), split="train", **extra)
+        if args.text_column not in dataset.column_names:
+            raise SystemExit(
+                f"--data: no column {args.text_column!r} (columns: {dataset.column_names}); pick one with --text-column"
+            )
+        documents = [text for text in dataset[args.text_column] if text and text.strip()]
+    if args.max_documents:
+        documents = documents[: args.max_documents]
+    if not documents:
+        raise SystemExit("--data: no text found")
+    return documents
+
+
+def token_blocks(documents: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """Documents joined with EOS and cut into (blocks, seq_len), as the training script packs them."""
+    eos = tokenizer.eos_token_id
+    stream = []
+    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        if eos is not None:
+            stream.append(eos)
+    blocks = len(stream) // seq_len
+    if blocks < 2:
+        raise SystemExit(f"--data makes {len(stream)} tokens, too few for two blocks of --seq-len {seq_len}")
+    return torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+
+def quantization_config(args):
+    if not (args.load_in_8bit or args.load_in_4bit):
+        return None
+    if args.load_in_8bit and args.load_in_4bit:
+        raise SystemExit("--load-in-8bit and --load-in-4bit: pick one")
+    from transformers import BitsAndBytesConfig
+
+    # The MTP modules train, so they stay in full precision; the head is shared with them.
+    skip = ["lm_head", "model.mtp_layers"]
+    if args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip
+    )
+
+
+def saved_mtp_depth(folder) -> int:
+    from .conversion import read_config_dict
+
+    return int(read_config_dict(folder, mtp_from_weights=True).get("num_nextn_predict_layers") or 0)
+
+
+def load_model(args, depth: int, dtype=torch.float32, quantized: bool = True):
+    """The --model folder with `depth` MTP modules (missing ones initialized), quantized as asked."""
+    from .modeling import MoeMtpForCausalLM
+
+    kwargs = {"num_nextn_predict_layers": depth}
+    bnb = quantization_config(args) if quantized else None
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+    else:
+        kwargs["dtype"] = dtype
+    return MoeMtpForCausalLM.from_pretrained(args.model, **kwargs)
+
+
+def init_new_modules(model, folder, first_new: int, how: str) -> None:
+    """New MTP modules share the embedding and the head with the main model (as DeepSeek-V3's do: neither is a
+    weight of the module). With `copy-last` their attention, MLP and norms start as a copy of the last decoder layer
+    (read from the folder, so a quantized load copies full-precision weights), and `eh_proj` passes the main
+    model's hidden state through unchanged, so a new module starts by running that layer once more on top of the
+    model; `random` keeps the model's initializer."""
+    if how == "random" or first_new >= len(model.model.mtp_layers):
+        return
+    from .conversion.lazy import lazy_state_dict
+
+    last = model.config.num_hidden_layers - 1
+    prefix = f"model.layers.{last}."
+    state = lazy_state_dict(folder)
+    try:
+        block = {key[len(prefix) :]: state[key][...] for key in state.keys() if key.startswith(prefix)}
+    finally:
+        state.close()
+    hidden = model.config.hidden_size
+    for module in model.model.mtp_layers[first_new:]:
+        reference = next(module.parameters())
+        own = {k: v for k, v in block.items() if k in module.state_dict()}
+        module.load_state_dict(own, strict=False)
+        with torch.no_grad():
+            eh = torch.zeros(hidden, 2 * hidden, dtype=reference.dtype, device=reference.device)
+            eh[:, hidden:] = torch.eye(hidden)  # [embedding; hidden] -> hidden
+            module.eh_proj.weight.copy_(eh)
+    model.pack_experts()  # load_state_dict replaced expert weights
+
+
+def freeze_main_model(model) -> list[torch.nn.Parameter]:
+    trainable = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith(MTP_PREFIX))
+        if parameter.requires_grad:
+            trainable.append(parameter)
+    if not trainable:
+        raise SystemExit("--mtp-only: the model has no MTP modules to train; pass --add-mtp N to create them")
+    return trainable
+
+
+# ------------------------------------------------------------------------------------------------------ acceptance
+
+
+@torch.no_grad()
+def teacher_forced_acceptance(model, blocks: torch.Tensor, batch_size: int, device) -> float:
+    """Share of held-out positions where depth 1's argmax equals the main model's argmax at the next position: the
+    draft acceptance of greedy decoding along the text instead of along the model's own output."""
+    hits = total = 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size].to(device)
+        out = model(input_ids=batch, output_mtp_logits=True)
+        main = out.logits.argmax(-1)[:, 1:]
+        draft = out.mtp_logits[0].argmax(-1)
+        hits += int((main == draft).sum())
+        total += main.numel()
+    return hits / max(total, 1)
+
+
+@torch.no_grad()
+def decoding_acceptance(model, prompts: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy `generate(use_mtp=True)` on held-out prompts: the acceptance speculation actually gets."""
+    model.generate(
+        prompts, max_new_tokens=new_tokens, do_sample=False, use_mtp=True, pad_token_id=model.config.pad_token_id or 0
+    )
+    stats = model.last_mtp_stats
+    return {"acceptance": stats.acceptance_rate, "drafted": stats.drafted, "tokens_per_step": stats.tokens_per_step}
+
+
+def measure(model, eval_blocks, prompts, args, device) -> dict:
+    model.eval()
+    result = decoding_acceptance(model, prompts, args.acceptance_tokens)
+    result["teacher_forced"] = teacher_forced_acceptance(model, eval_blocks, args.batch_size, device)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+
+
+def compare_main_tensors(source, written) -> int:
+    """Checks that every tensor of `source` outside the MTP modules is in `written`, bit for bit. Returns how many."""
+    from .conversion.lazy import lazy_state_dict
+
+    ours, theirs = lazy_state_dict(source), lazy_state_dict(written)
+    try:
+        names = [name for name in ours.keys() if not name.startswith(MTP_PREFIX)]
+        for name in names:
+            a = ours[name][...]
+            b = theirs[name][...] if name in theirs else None
+            if b is None or a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+                raise RuntimeError(
+                    f"{written}: main-model tensor {name} differs from {source}'s; the output is not kept. "
+                    "This is a bug in moe_mtp.mtp_align: please report it."
+                )
+        return len(names)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def write_model(args, mtp_state: dict, depth: int, tokenizer, output_dir: Path) -> int:
+    """OUT/model: the input folder reloaded unquantized in its own dtype, with the trained MTP modules, written to
+    `model.partial`, compared with the input, then renamed into place."""
+    final, partial = output_dir / "model", output_dir / "model.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model = load_model(args, depth, dtype="auto", quantized=False)
+    own = model.state_dict()
+    missing = [k for k in own if k.startswith(MTP_PREFIX) and k not in mtp_state]
+    if missing:
+        raise RuntimeError(f"trained MTP state lacks {missing[:3]}")
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in mtp_state.items()}, strict=False)
+    model.pack_experts()
+    model.config.use_cache = model.generation_config.use_cache = True
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    checked = compare_main_tensors(args.model, partial)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return checked
+
+
+def prepare_output(args) -> Path:
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
+        raise SystemExit(
+            f"{output_dir} already holds files; pass --overwrite to replace its model, or choose another --output-dir"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+# ------------------------------------------------------------------------------------------------------------ run
+
+
+def run(args) -> dict:
+    from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
+
+    if not args.model:
+        raise SystemExit("--mtp-only/--add-mtp need --model DIR: the finished model whose MTP modules to train")
+    if args.resume:
+        raise SystemExit("--mtp-only runs are short and write no checkpoints: drop --resume")
+    output_dir = prepare_output(args)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+
+    saved = saved_mtp_depth(args.model)
+    depth = saved
+    if args.add_mtp is not None:
+        if args.add_mtp < 1:
+            raise SystemExit(f"--add-mtp must be at least 1, got {args.add_mtp}")
+        if saved >= args.add_mtp:
+            raise SystemExit(
+                f"--add-mtp {args.add_mtp}: {args.model} already has {saved} MTP module(s); "
+                "re-align them with --mtp-only instead"
+            )
+        depth = args.add_mtp
+    elif saved == 0:
+        raise SystemExit(f"--mtp-only: {args.model} has no MTP modules; pass --add-mtp N to create and train N")
+
+    model = load_model(args, depth)
+    if depth > saved:
+        init_new_modules(model, args.model, saved, args.mtp_init)
+    if not (args.load_in_8bit or args.load_in_4bit):
+        model.to(device)
+    trainable = freeze_main_model(model)
+
+    blocks = token_blocks(read_documents(args), tokenizer, args.seq_len)
+    num_eval = max(1, int(len(blocks) * args.eval_fraction))
+    train_blocks, eval_blocks = blocks[:-num_eval], blocks[-num_eval:]
+    if args.eval_batches:
+        eval_blocks = eval_blocks[: args.eval_batches * args.batch_size]
+    prompt_len = min(64, args.seq_len // 2)
+    prompts = eval_blocks[: args.acceptance_prompts, :prompt_len].to(device)
+
+    before = measure(model, eval_blocks, prompts, args, device)
+    print(
+        f"MTP greedy acceptance on held-out text before: {before['acceptance']:.3f} decoding "
+        f"({len(prompts)} prompts x {args.acceptance_tokens} tokens), {before['teacher_forced']:.3f} teacher-forced",
+        flush=True,
+    )
+
+    config = model.config
+    config.mtp_loss_targets, config.mtp_loss_weight = args.mtp_targets, 1.0
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+    )
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, args.warmup_steps, args.max_steps, min_lr_rate=args.min_lr_ratio
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    order, cursor = torch.randperm(len(train_blocks), generator=generator), 0
+    # Eval mode throughout: the routers neither count tokens nor move their balancing bias (no main-model buffer
+    # changes), and nothing in the model depends on train mode otherwise (no dropout).
+    model.eval()
+    history, start = [], time.perf_counter()
+    progress = tqdm(range(args.max_steps), desc="mtp-only", unit="step", disable=args.no_progress, dynamic_ncols=True)
+    for step in progress:
+        total = 0.0
+        for _ in range(args.grad_accum):
+            if cursor + args.batch_size > len(order):
+                order, cursor = torch.randperm(len(train_blocks), generator=generator), 0
+            batch = train_blocks[order[cursor : cursor + args.batch_size]].to(device)
+            cursor += args.batch_size
+            out = model(input_ids=batch, labels=batch)
+            loss = torch.stack(list(out.mtp_losses)).mean() / args.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        if args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+            history.append({"step": step + 1, "distill_loss": total, "lr": scheduler.get_last_lr()[0]})
+            progress.set_postfix(loss=f"{total:.3f}")
+    progress.close()
+    seconds = time.perf_counter() - start
+    config.mtp_loss_targets, config.mtp_loss_weight = "labels", 0.3
+
+    after = measure(model, eval_blocks, prompts, args, device)
+    print(
+        f"MTP greedy acceptance on held-out text after:  {after['acceptance']:.3f} decoding, "
+        f"{after['teacher_forced']:.3f} teacher-forced ({args.max_steps} steps, {seconds:.0f} s)",
+        flush=True,
+    )
+    mtp_state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(MTP_PREFIX)}
+    del model, optimizer
+    checked = write_model(args, mtp_state, depth, tokenizer, output_dir)
+    print(f"{output_dir / 'model'}: {checked} main-model tensors bit-identical to {args.model}'s", flush=True)
+
+    summary = {
+        "model": args.model,
+        "data": list(args.data) or ["pydoc_data/topics.py"],
+        "mtp_modules": depth,
+        "added": depth - saved,
+        "init": args.mtp_init if depth > saved else None,
+        "targets": args.mtp_targets,
+        "quantized": "int8" if args.load_in_8bit else "nf4" if args.load_in_4bit else None,
+        "steps": args.max_steps,
+        "seconds": seconds,
+        "train_blocks": len(train_blocks),
+        "eval_blocks": len(eval_blocks),
+        "before": before,
+        "after": after,
+        "main_tensors_identical": checked,
+        "history": history,
+    }
+    tmp = output_dir / (ALIGN_SUMMARY + ".partial")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, output_dir / ALIGN_SUMMARY)
+    return summary
+
+
+__all__ = ["add_arguments", "run", "teacher_forced_acceptance", "decoding_acceptance"]

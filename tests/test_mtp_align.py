@@ -1,0 +1,191 @@
+"""`python -m moe_mtp.train --mtp-only / --add-mtp`, the Trainer path to it, and MTP modules over a model's life."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_mtp import MoeMtpForCausalLM
+from moe_mtp.train import main as train_main
+
+MTP = "model.mtp_layers."
+# A smoke-sized model trained long enough to predict something: its greedy next tokens are far from uniform.
+TRAIN = ["--smoke", "--max-steps", "100", "--eval-every", "100", "--save-every", "0", "--no-progress", "--no-plots"]
+ALIGN = ["--smoke", "--max-steps", "60", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    torch.manual_seed(0)
+    train_main([*TRAIN, "--output-dir", str(out)])
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def transformers_folder(trained, tmp_path_factory):
+    """The trained model saved by transformers' own DeepseekV3ForCausalLM, which drops the MTP layer."""
+    from transformers import AutoTokenizer, DeepseekV3ForCausalLM
+
+    from moe_mtp.conversion import convert_state_dict, transformers_config
+
+    ours = MoeMtpForCausalLM.from_pretrained(trained, dtype=torch.float32)
+    theirs = DeepseekV3ForCausalLM(transformers_config(ours.config))
+    with warnings.catch_warnings():  # that transformers' layout has no MTP module is the point here
+        warnings.simplefilter("ignore")
+        state = convert_state_dict(ours.state_dict(), ours.config, "moe_mtp", "transformers")
+    theirs.load_state_dict({k: v for k, v in state.items() if k in theirs.state_dict()}, strict=True)
+    folder = tmp_path_factory.mktemp("transformers") / "model"
+    theirs.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(trained).save_pretrained(folder)
+    assert not any("layers.2." in k for k in load_file(folder / "model.safetensors"))  # no MTP layer saved
+    return folder
+
+
+def summary_of(output_dir) -> dict:
+    return json.loads((output_dir / "mtp_align.json").read_text())
+
+
+def assert_main_identical(before: dict, after: dict) -> None:
+    main = [k for k in before if not k.startswith(MTP)]
+    assert main and main == [k for k in after if not k.startswith(MTP)]
+    for key in main:
+        assert before[key].dtype == after[key].dtype and torch.equal(before[key], after[key]), key
+
+
+def assert_greedy_exact(model, prompts, new_tokens=24):
+    with torch.no_grad():
+        plain = model.generate(prompts, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        mtp = model.generate(prompts, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, use_mtp=True)
+    assert torch.equal(plain, mtp)
+    return model.last_mtp_stats
+
+
+def prompts_of(folder, count=3, length=16):
+    from transformers import AutoTokenizer
+
+    from moe_mtp.mtp_align import token_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    from pydoc_data.topics import topics
+
+    documents = [topics[name] for name in sorted(topics)][-20:]
+    return token_blocks(documents, tokenizer, length)[:count]
+
+
+def test_mtp_only_keeps_every_main_tensor_bit_identical(trained, tmp_path):
+    out = tmp_path / "aligned"
+    train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(out), *ALIGN])
+    before, after = load_file(trained / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert_main_identical(before, after)
+    mtp = [k for k in before if k.startswith(MTP)]
+    assert mtp and set(mtp) == {k for k in after if k.startswith(MTP)}
+    assert any(not torch.equal(before[k], after[k]) for k in mtp), "the MTP module did not train"
+    assert summary_of(out)["main_tensors_identical"] == len(before) - len(mtp)
+    with pytest.raises(SystemExit, match="already holds files"):  # never writes over a run
+        train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(out), *ALIGN])
+
+
+def test_add_mtp_to_a_transformers_folder_raises_acceptance_and_stays_exact(transformers_folder, trained, tmp_path):
+    """A new, randomly initialized module starts near 0 acceptance; self-distillation must take it far above."""
+    out = tmp_path / "added"
+    with pytest.raises(SystemExit, match="--add-mtp"):  # no MTP modules to re-align
+        train_main(["--mtp-only", "--model", str(transformers_folder), "--output-dir", str(tmp_path / "x"), *ALIGN])
+    train_main(["--add-mtp", "1", "--model", str(transformers_folder), "--output-dir", str(out), *ALIGN])
+    summary = summary_of(out)
+    assert summary["added"] == 1
+    assert summary["before"]["teacher_forced"] < 0.1
+    assert summary["after"]["teacher_forced"] > 0.5
+    assert summary["after"]["acceptance"] > 0.8
+    # the main weights are the transformers folder's (which holds the trained model's), in moe_mtp names
+    assert_main_identical(
+        {k: v for k, v in load_file(trained / "model.safetensors").items() if not k.startswith(MTP)},
+        {k: v for k, v in load_file(out / "model" / "model.safetensors").items() if not k.startswith(MTP)},
+    )
+    model = MoeMtpForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    assert model.config.num_nextn_predict_layers == 1
+    stats = assert_greedy_exact(model, prompts_of(out / "model"))
+    assert stats.acceptance_rate > 0.5
+
+
+def test_mtp_only_on_an_int8_base(trained, tmp_path):
+    out = tmp_path / "int8"
+    train_main(["--mtp-only", "--load-in-8bit", "--model", str(trained), "--output-dir", str(out), *ALIGN])
+    summary = summary_of(out)
+    assert summary["quantized"] == "int8"
+    before, after = load_file(trained / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert_main_identical(before, after)  # written from the full-precision input, not from the int8 copy
+    assert after["model.mtp_layers.0.eh_proj.weight"].dtype == torch.float32
+    assert summary["after"]["teacher_forced"] >= summary["before"]["teacher_forced"]
+
+
+def test_mtp_modules_survive_lora_merge_save_release_layout_and_reload(trained, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from moe_mtp.conversion import convert
+
+    model = MoeMtpForCausalLM.from_pretrained(trained, dtype=torch.float32)
+    original = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(MTP)}
+    targets = ["q_a_proj", "kv_a_proj_with_mqa", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    batch = prompts_of(trained, count=2, length=32)
+    for _ in range(3):
+        peft_model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    merged = peft_model.merge_and_unload()
+    state = {k: v.clone() for k, v in merged.state_dict().items() if k.startswith(MTP)}
+    assert set(state) == set(original)  # no module lost, no adapter left
+    assert torch.equal(state["model.mtp_layers.0.eh_proj.weight"], original["model.mtp_layers.0.eh_proj.weight"])
+    assert not torch.equal(  # LoRA reached the MTP module's projections and was merged into them
+        state["model.mtp_layers.0.self_attn.o_proj.weight"], original["model.mtp_layers.0.self_attn.o_proj.weight"]
+    )
+
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = MoeMtpForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    for key, value in state.items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+    convert(tmp_path / "merged", tmp_path / "release", dst_format="deepseek", dtype="fp32", progress=False)
+    layers = reloaded.config.num_hidden_layers
+    released = load_file(tmp_path / "release" / "model.safetensors")
+    assert f"model.layers.{layers}.eh_proj.weight" in released  # MTP at layer num_hidden_layers, as vLLM reads it
+    from_release = MoeMtpForCausalLM.from_pretrained(tmp_path / "release", dtype=torch.float32).eval()
+    for key, value in state.items():
+        assert torch.equal(from_release.state_dict()[key], value), key
+    assert_greedy_exact(from_release, prompts_of(trained))
+
+
+def test_trainer_path_trains_only_the_mtp_module_on_the_models_own_predictions(trained, tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from moe_mtp.mtp_align import teacher_forced_acceptance
+    from moe_mtp.training import MoeMtpCallback
+
+    model = MoeMtpForCausalLM.from_pretrained(trained, dtype=torch.float32)
+    with torch.no_grad():  # start from a useless module, so that the gain is the callback's doing
+        for parameter in model.model.mtp_layers.parameters():
+            parameter.normal_(0, 0.02)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = prompts_of(trained, count=64, length=32)
+    heldout = blocks[-8:]
+    start = teacher_forced_acceptance(model.eval(), heldout, 8, "cpu")
+    data = Dataset.from_dict({"input_ids": blocks[:-8].tolist(), "labels": blocks[:-8].tolist()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=40, per_device_train_batch_size=8, learning_rate=3e-3, report_to=[],
+        logging_steps=10, save_strategy="no", use_cpu=True,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[MoeMtpCallback(mtp_only=True)]).train()
+    assert model.config.mtp_loss_targets == "labels" and model.config.bias_update_speed == before_speed(trained)
+    after = model.state_dict()
+    assert_main_identical(before, after)  # buffers (balancing bias) included
+    end = teacher_forced_acceptance(model.eval(), heldout, 8, "cpu")
+    assert end > start + 0.3, (start, end)
+
+
+def before_speed(folder) -> float:
+    return json.loads((folder / "config.json").read_text())["bias_update_speed"]
