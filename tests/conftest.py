@@ -1,6 +1,7 @@
 """Tiny in-memory configs and the reference configs shared by the tests."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -101,3 +102,20 @@ def pristine(tmp_path_factory):
 def src(pristine, tmp_path):
     """A fresh copy of `pristine` that a test may break."""
     return Path(shutil.copytree(pristine, tmp_path / "src"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory):
+    """Trained tokenizers and token stores go to a folder of the test session, not ~/.cache/moe_mtp; training
+    subprocesses inherit it."""
+    os.environ["MOE_MTP_CACHE"] = str(tmp_path_factory.mktemp("moe_mtp_cache"))
+
+
+def write_corpus(path: Path, documents: int = 600, skip: int = 0) -> Path:
+    """A .txt corpus of paragraphs of the stdlib's pydoc topics: one document per paragraph (blank lines between)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in sorted(topics))
+    paragraphs = [p for p in text.split("\n\n") if p.strip()][skip : skip + documents]
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path
