@@ -244,6 +244,8 @@ def cached_tokenizer(corpus: Corpus, vocab_size: int, sample_bytes: int, eval_fr
     folder = Path(cache_dir) / "tokenizers" / key
 
     def make(partial: Path) -> None:
+        print(f"tokenizer: training a {vocab_size}-token BPE on the first {sample_bytes / 1e6:g} MB of the training "
+              "documents", flush=True)  # fmt: skip
         train_tokenizer(tokenizer_sample(corpus, eval_fraction, sample_bytes), vocab_size).save_pretrained(partial)
 
     return folder, build_once(folder, make, builder, "tokenizer")
@@ -362,7 +364,7 @@ def write_store(folder: Path, corpus: Corpus, tokenizer, eval_fraction: float, p
     from tqdm.auto import tqdm
 
     dtype = token_dtype(tokenizer)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     counts = {"documents": 0, "eval_documents": 0, "text_bytes": 0, "train_tokens": 0, "eval_tokens": 0}
     chunk = {"train": [], "eval": []}
 
@@ -399,6 +401,7 @@ def write_store(folder: Path, corpus: Corpus, tokenizer, eval_fraction: float, p
         "format": STORE_FORMAT, "dtype": dtype.name, "eos_token_id": tokenizer.eos_token_id, **counts,
         "eval_fraction": eval_fraction, "corpus": corpus.fingerprint(), "tokenizer": tokenizer_digest(tokenizer),
         "build_seconds": round(time.perf_counter() - start, 3),
+        "build_cpu_seconds": round(time.process_time() - cpu_start, 3),  # over build_seconds: the cores used
     }  # fmt: skip
     (folder / "index.json").write_text(json.dumps(index, indent=2))
     return index
