@@ -221,10 +221,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
-def tokenizer_sample(corpus: Corpus, eval_fraction: float, sample_bytes: int) -> Iterator[str]:
+def tokenizer_sample(corpus: Corpus, eval_fraction: float, sample_bytes: int, streaming: bool = False) -> Iterator[str]:
     """The first `sample_bytes` of the training documents (held-out ones are left out)."""
     taken = 0
-    for texts in corpus.batches():
+    for texts in corpus.batches(streaming):
         for text in texts:
             if taken >= sample_bytes:
                 return
@@ -246,7 +246,8 @@ def cached_tokenizer(corpus: Corpus, vocab_size: int, sample_bytes: int, eval_fr
     def make(partial: Path) -> None:
         print(f"tokenizer: training a {vocab_size}-token BPE on the first {sample_bytes / 1e6:g} MB of the training "
               "documents", flush=True)  # fmt: skip
-        train_tokenizer(tokenizer_sample(corpus, eval_fraction, sample_bytes), vocab_size).save_pretrained(partial)
+        sample = tokenizer_sample(corpus, eval_fraction, sample_bytes, streaming)  # a Hub dataset is not downloaded
+        train_tokenizer(sample, vocab_size).save_pretrained(partial)
 
     return folder, build_once(folder, make, builder, "tokenizer")
 
