@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -104,11 +105,16 @@ def src(pristine, tmp_path):
     return Path(shutil.copytree(pristine, tmp_path / "src"))
 
 
+# Trained tokenizers and token stores go to a folder of this test session, not ~/.cache/moe_mtp. Set when conftest is
+# imported: test modules copy os.environ for their subprocesses when they are imported, before any fixture runs.
+TOKEN_CACHE = tempfile.mkdtemp(prefix="moe_mtp_cache_")
+os.environ["MOE_MTP_CACHE"] = TOKEN_CACHE
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _token_cache(tmp_path_factory):
-    """Trained tokenizers and token stores go to a folder of the test session, not ~/.cache/moe_mtp; training
-    subprocesses inherit it."""
-    os.environ["MOE_MTP_CACHE"] = str(tmp_path_factory.mktemp("moe_mtp_cache"))
+def _remove_token_cache():
+    yield
+    shutil.rmtree(TOKEN_CACHE, ignore_errors=True)
 
 
 def write_corpus(path: Path, documents: int = 600, skip: int = 0) -> Path:
