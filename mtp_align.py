@@ -68,49 +68,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------------------ data
 
 
-def read_documents(args) -> list[str]:
-    """The documents of --data (the same file kinds as training), or the training script's default corpus."""
-    if not args.data:
-        from pydoc_data.topics import topics
+def token_blocks(args, tokenizer) -> tuple:
+    """(training blocks, held-out blocks as a tensor) from the corpus's token store, the one `python -m
+    moe_mtp.train` builds and caches: the same documents are held out, by a hash of their text, so a model trained
+    on this corpus never saw the held-out blocks."""
+    from . import data as token_data
 
-        documents = [topics[name] for name in sorted(topics)]
-    else:
-        import datasets
-
-        missing = [path for path in args.data if not os.path.exists(path)]
-        if missing:
-            raise SystemExit(f"--data: no such file(s): {missing} (--mtp-only reads local files)")
-        builders = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-        suffixes = {Path(path).suffix for path in args.data}
-        if len(suffixes) != 1 or next(iter(suffixes)) not in builders:
-            raise SystemExit(f"--data: give files of one kind among {sorted(builders)}, got {args.data}")
-        builder = builders[suffixes.pop()]
-        extra = {"sample_by": "paragraph"} if builder == "text" else {}
-        dataset = datasets.load_dataset(builder, data_files=list(args.data), split="train", **extra)
-        if args.text_column not in dataset.column_names:
-            raise SystemExit(
-                f"--data: no column {args.text_column!r} (columns: {dataset.column_names}); pick one with --text-column"
-            )
-        documents = [text for text in dataset[args.text_column] if text and text.strip()]
-    if args.max_documents:
-        documents = documents[: args.max_documents]
-    if not documents:
-        raise SystemExit("--data: no text found")
-    return documents
-
-
-def token_blocks(documents: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """Documents joined with EOS and cut into (blocks, seq_len), as the training script packs them."""
-    eos = tokenizer.eos_token_id
-    stream = []
-    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        if eos is not None:
-            stream.append(eos)
-    blocks = len(stream) // seq_len
-    if blocks < 2:
-        raise SystemExit(f"--data makes {len(stream)} tokens, too few for two blocks of --seq-len {seq_len}")
-    return torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else token_data.default_cache_dir()
+    corpus = token_data.Corpus.from_args(args)
+    store, _ = token_data.prepare_store(
+        corpus, tokenizer, args.eval_fraction, cache_dir, builder=True, progress=not args.no_progress
+    )
+    train, held_out = store.blocks("train", args.seq_len), store.blocks("eval", args.seq_len)
+    if len(train) < 1 or len(held_out) < 1:
+        raise SystemExit(
+            f"--data makes {len(train)} training and {len(held_out)} held-out block(s) of --seq-len {args.seq_len}: "
+            "give more text, a shorter --seq-len or a larger --eval-fraction"
+        )
+    count = len(held_out) if not args.eval_batches else min(len(held_out), args.eval_batches * args.batch_size)
+    return train, held_out[range(count)]
 
 
 # ----------------------------------------------------------------------------------------------------------- model
@@ -319,11 +295,7 @@ def run(args) -> dict:
         model.to(device)
     trainable = freeze_main_model(model)
 
-    blocks = token_blocks(read_documents(args), tokenizer, args.seq_len)
-    num_eval = max(1, int(len(blocks) * args.eval_fraction))
-    train_blocks, eval_blocks = blocks[:-num_eval], blocks[-num_eval:]
-    if args.eval_batches:
-        eval_blocks = eval_blocks[: args.eval_batches * args.batch_size]
+    train_blocks, eval_blocks = token_blocks(args, tokenizer)
     prompt_len = min(64, args.seq_len // 2)
     prompts = eval_blocks[: args.acceptance_prompts, :prompt_len].to(device)
 

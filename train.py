@@ -5,8 +5,10 @@
     accelerate launch --config_file examples/accelerate/ddp.yaml -m moe_mtp.train --data corpus.jsonl
     torchrun --nproc_per_node 2 -m moe_mtp.train --smoke           # DDP (gloo on CPU)
 
-Without `--data` the corpus is the English text of the stdlib's `pydoc_data/topics.py`. Documents are tokenized
-(a byte-level BPE is trained when no tokenizer is given) and packed into fixed-length blocks. The loop is AdamW with
+Without `--data` the corpus is the English text of the stdlib's `pydoc_data/topics.py`. The corpus is tokenized once
+into a memory-mapped token store in a cache folder, reused by later runs and every process (a byte-level BPE is
+trained on a sample of it when no tokenizer is given; see data.py), and training reads fixed-length blocks from it;
+`--streaming` tokenizes as it trains instead. The loop is AdamW with
 warmup and cosine decay, gradient accumulation, bf16 autocast on GPUs that support it, gradient clipping and optional
 activation checkpointing; the loss is the main cross-entropy plus the scheduled MTP loss and the sequence-wise
 balance loss, and the balancing bias moves after every optimizer step (modeling/balancing.py). Every `--save-every` steps an
@@ -28,18 +30,20 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
 
+from . import data as token_data
 from . import mtp_align
 from .configuration import MoeMtpConfig
+from .data import Corpus
 from .hub import TRAINING_SUMMARY
 from .modeling import MoeMtpForCausalLM
 from .modeling.balancing import named_routers, take_balance_metrics
 from .training import LossRecorder, StepSchedule, apply_schedules
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
 CHECKPOINTS = "checkpoints"
 PLOTS = ("loss.png", "expert_load.png")
 # A run shrunk to seconds, for tests and `make quickstart`; explicit flags still win.
@@ -80,9 +84,37 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--text-column", default="text")
     data.add_argument("--max-documents", type=int, default=None, help="Use only the first N documents.")
     data.add_argument("--seq-len", type=int, default=256, help="Tokens per packed training block.")
-    data.add_argument("--eval-fraction", type=float, default=0.05, help="Share of the blocks held out for eval.")
+    data.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.05,
+        help="Share of the documents held out for eval (chosen by a hash of each document's text).",
+    )
     data.add_argument("--tokenizer", default=None, help="Tokenizer to use (default: the model's, or a new BPE).")
     data.add_argument("--vocab-size", type=int, default=4096, help="Vocabulary of the BPE trained from scratch.")
+    data.add_argument(
+        "--tokenizer-sample-bytes",
+        type=int,
+        default=100_000_000,
+        help="The BPE is trained on the first this many bytes of the training documents.",
+    )
+    data.add_argument(
+        "--cache-dir",
+        default=None,
+        help="Where trained tokenizers and token stores are kept and reused "
+        "(default: $MOE_MTP_CACHE, else ~/.cache/moe_mtp).",
+    )
+    data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Tokenize while training, from a datasets stream, without a token store (no full pass first).",
+    )
+    data.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=10_000,
+        help="--streaming: documents in the seeded shuffle buffer (0: corpus order).",
+    )
     model = p.add_argument_group("model (from scratch unless --model is given)")
     model.add_argument("--model", default=None, help="Fine-tune this moe_mtp (or released DeepSeek) folder.")
     for flag, default in [
@@ -130,9 +162,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "--smoke" in argv:
         parser.set_defaults(**SMOKE)
     args = parser.parse_args(argv)
-    for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every"):
+    for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "tokenizer_sample_bytes"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.streaming and not args.eval_batches:
+        parser.error("--eval-batches 0 (every held-out block) needs the token store; give a number with --streaming")
     if not 0 < args.eval_fraction < 1:
         parser.error(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}")
     try:
@@ -144,75 +178,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------------------- data
-
-
-def default_documents() -> list[str]:
-    """The stdlib's pydoc topics: a few MB of real English prose about Python, one document per topic."""
-    from pydoc_data.topics import topics
-
-    return [topics[name] for name in sorted(topics)]
-
-
-def load_documents(args) -> list[str]:
-    if not args.data:
-        documents = default_documents()
-    else:
-        import datasets
-
-        suffixes = {Path(path).suffix for path in args.data}
-        builders = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-        if all(os.path.exists(path) for path in args.data):
-            if len(suffixes) != 1 or suffixes.pop() not in builders:
-                raise SystemExit(f"--data: give files of one kind among {sorted(builders)}, got {args.data}")
-            builder = builders[Path(args.data[0]).suffix]
-            extra = {"sample_by": "paragraph"} if builder == "text" else {}
-            dataset = datasets.load_dataset(builder, data_files=list(args.data), split="train", **extra)
-        elif len(args.data) == 1 and not Path(args.data[0]).suffix:
-            dataset = datasets.load_dataset(args.data[0], args.data_config, split="train")
-        else:
-            missing = [path for path in args.data if not os.path.exists(path)]
-            raise SystemExit(f"--data: no such file(s): {missing}")
-        if args.text_column not in dataset.column_names:
-            raise SystemExit(
-                f"--data: no column {args.text_column!r} (columns: {dataset.column_names}); pick one with --text-column"
-            )
-        documents = [text for text in dataset[args.text_column] if text and text.strip()]
-    if args.max_documents:
-        documents = documents[: args.max_documents]
-    if not documents:
-        raise SystemExit("--data: no text found")
-    return documents
-
-
-def train_tokenizer(documents: list[str], vocab_size: int):
-    """A byte-level BPE trained on the corpus (seconds for a few MB), wrapped for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(documents, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
-
-
-def pack(documents: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """Tokenizes every document, joins them with EOS and cuts the stream into (blocks, seq_len)."""
-    eos = tokenizer.eos_token_id
-    stream = []
-    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(eos)
-    blocks = len(stream) // seq_len
-    if blocks < 2:
-        raise SystemExit(f"the corpus makes {len(stream)} tokens, too few for two blocks of --seq-len {seq_len}")
-    return torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
 
 
 class BlockSampler:
@@ -239,6 +204,82 @@ class BlockSampler:
     def micro_batch(self, step: int, micro: int, rank: int) -> list[int]:
         start = step * self.blocks_per_step + (micro * self.world_size + rank) * self.batch_size
         return [self._position(start + i) for i in range(self.batch_size)]
+
+
+def cache_dir(args) -> Path:
+    return Path(args.cache_dir) if args.cache_dir else token_data.default_cache_dir()
+
+
+def load_tokenizer(args, accelerator, corpus: Corpus, output_dir: Path, resume_from: Path | None):
+    """Given, the fine-tuned model's, the resumed run's, or a BPE trained once per corpus into the cache (by one
+    process per machine) and copied into OUTPUT/tokenizer."""
+    from transformers import AutoTokenizer
+
+    if args.tokenizer or args.model:
+        return AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    run_copy = output_dir / "tokenizer"
+    if not (resume_from and run_copy.is_dir()):
+        start = time.perf_counter()
+        cached, trained = token_data.cached_tokenizer(
+            corpus, args.vocab_size, args.tokenizer_sample_bytes, args.eval_fraction, cache_dir(args),
+            builder=accelerator.is_local_main_process, streaming=args.streaming,
+        )  # fmt: skip
+        if accelerator.is_main_process:
+            done = f"trained in {time.perf_counter() - start:.1f}s into" if trained else "reused from"
+            print(f"tokenizer: {done} {cached}", flush=True)
+            partial = run_copy.with_name(run_copy.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(cached, partial)
+            shutil.rmtree(run_copy, ignore_errors=True)
+            os.replace(partial, run_copy)
+    accelerator.wait_for_everyone()
+    return AutoTokenizer.from_pretrained(run_copy)
+
+
+def prepare_data(args, accelerator, output_dir: Path, resume_from: Path | None) -> SimpleNamespace:
+    """The tokenizer, the training blocks (a memory-mapped store, or a stream), the held-out blocks, the data key
+    kept in checkpoints, and facts for the summary."""
+    start = time.perf_counter()
+    corpus = Corpus.from_args(args)
+    tokenizer = load_tokenizer(args, accelerator, corpus, output_dir, resume_from)
+    key = token_data.data_key(corpus, tokenizer, args.eval_fraction, args.streaming)
+    store, info = None, {"mode": "streaming" if args.streaming else "store"}
+    if args.streaming:
+        train_blocks = token_data.StreamedBlocks(
+            corpus, tokenizer, args.seq_len, args.eval_fraction, args.batch_size, args.grad_accum,
+            accelerator.num_processes, args.seed, args.shuffle_buffer,
+        )  # fmt: skip
+        wanted = args.eval_batches * args.batch_size * accelerator.num_processes
+        eval_blocks = token_data.streamed_eval_blocks(corpus, tokenizer, args.seq_len, args.eval_fraction, wanted)
+        eval_tokens = len(eval_blocks) * args.seq_len
+    else:
+        store, built = token_data.prepare_store(
+            corpus, tokenizer, args.eval_fraction, cache_dir(args), builder=accelerator.is_local_main_process,
+            progress=not args.no_progress,
+        )  # fmt: skip
+        train_blocks, eval_blocks = store.blocks("train", args.seq_len), store.blocks("eval", args.seq_len)
+        index, eval_tokens = store.index, store.index["eval_tokens"]
+        if not len(train_blocks):
+            raise SystemExit(
+                f"the training documents make {index['train_tokens']} tokens, fewer than one block of --seq-len "
+                f"{args.seq_len}; give more data or a shorter --seq-len"
+            )
+        info.update(store=str(store.folder), store_bytes=store.nbytes, built_store=built)
+        info.update({name: index[name] for name in ("documents", "eval_documents", "train_tokens", "eval_tokens")})
+        if accelerator.is_main_process:
+            done = f"built in {index['build_seconds']:.1f}s:" if built else "reused:"
+            print(f"token store {done} {store.folder} ({index['documents']} documents, {index['train_tokens']} "
+                  f"training tokens, {index['eval_tokens']} held out)", flush=True)  # fmt: skip
+    if not len(eval_blocks):
+        raise SystemExit(
+            f"the held-out documents make {eval_tokens} tokens, fewer than one block of --seq-len {args.seq_len}: "
+            "raise --eval-fraction, give more documents (a .txt file's documents are its paragraphs, between blank "
+            "lines) or a shorter --seq-len"
+        )
+    info.update(train_blocks=len(train_blocks) if store is not None else None, eval_blocks=len(eval_blocks))
+    info["prep_seconds"] = round(time.perf_counter() - start, 3)
+    return SimpleNamespace(tokenizer=tokenizer, train=train_blocks, eval_blocks=eval_blocks, key=key, info=info,
+                           store=store)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -409,17 +450,17 @@ def prepare_output_dir(args, accelerator) -> Path | None:
 # --------------------------------------------------------------------------------------------------------- the loop
 
 
-def evaluate(model, blocks: torch.Tensor, args, accelerator) -> dict[str, float]:
+def evaluate(model, blocks: token_data.Blocks, args, accelerator) -> dict[str, float]:
     """Perplexity of the main head over the held-out blocks (split over processes), and each MTP depth's loss."""
     model.eval()
-    mine = blocks[accelerator.process_index :: accelerator.num_processes]
+    mine = list(range(accelerator.process_index, len(blocks), accelerator.num_processes))
     if args.eval_batches:
         mine = mine[: args.eval_batches * args.batch_size]
     depth = accelerator.unwrap_model(model).config.num_nextn_predict_layers
     totals = torch.zeros(2 + depth, dtype=torch.float64, device=accelerator.device)  # sums of loss * batches, batches
     with torch.no_grad():
         for start in range(0, len(mine), args.batch_size):
-            batch = mine[start : start + args.batch_size].to(accelerator.device)
+            batch = blocks[mine[start : start + args.batch_size]].to(accelerator.device)
             output = model(input_ids=batch, labels=batch, output_mtp_logits=depth > 0)
             totals[0] += output.main_loss.double() * len(batch)
             totals[1] += len(batch)
@@ -451,7 +492,7 @@ def mixed_precision(choice: str) -> str:
 def train(args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
-    from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     # cpu=True where there is no GPU: accelerate only takes a multi-process CPU launch (gloo) as distributed then.
     # find_unused_parameters: an expert that no token of a micro-batch picked gets no gradient on that rank.
@@ -464,19 +505,17 @@ def train(args) -> dict:
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
 
-    # Tokenizer: given, the fine-tuned model's, the resumed run's, or a BPE trained here once (by the main process).
-    documents = load_documents(args)
-    tokenizer_dir = output_dir / "tokenizer"
-    if args.tokenizer or args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    data = prepare_data(args, accelerator, output_dir, resume_from)
+    tokenizer, eval_blocks = data.tokenizer, data.eval_blocks
+    blocks_per_step = args.batch_size * args.grad_accum * accelerator.num_processes
+    if args.streaming:
+        num_train_blocks, draw = None, data.train.micro_batch
     else:
-        if accelerator.is_main_process and not (resume_from and tokenizer_dir.is_dir()):
-            train_tokenizer(documents, args.vocab_size).save_pretrained(tokenizer_dir)
-        accelerator.wait_for_everyone()
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    blocks = pack(documents, tokenizer, args.seq_len)
-    num_eval = max(1, int(len(blocks) * args.eval_fraction))
-    train_blocks, eval_blocks = blocks[:-num_eval], blocks[-num_eval:]
+        num_train_blocks = len(data.train)
+        sampler = BlockSampler(num_train_blocks, args.batch_size, args.grad_accum, accelerator.num_processes, args.seed)
+
+        def draw(step: int, micro: int, rank: int) -> torch.Tensor:
+            return data.train[sampler.micro_batch(step, micro, rank)]
 
     model = build_model(args, tokenizer)
     model.config.seq_aux_loss_alpha = args.seq_aux_loss_alpha
@@ -505,7 +544,6 @@ def train(args) -> dict:
     core = accelerator.unwrap_model(model)
     recorder = LossRecorder(core)
     layers = [name for name, _ in named_routers(core.model)]
-    sampler = BlockSampler(len(train_blocks), args.batch_size, args.grad_accum, accelerator.num_processes, args.seed)
 
     start_step, history = 0, {"records": [], "load_steps": [], "loads": [], "layers": layers}
     if resume_from is not None:
@@ -513,20 +551,28 @@ def train(args) -> dict:
         for group in optimizer.param_groups:  # a checkpoint's saved groups carry their own `fused` flag
             group["fused"] = fused
         saved = json.loads((resume_from / "trainer_state.json").read_text())
-        if saved["blocks_per_step"] != sampler.blocks_per_step or saved["num_train_blocks"] != len(train_blocks):
+        if saved["blocks_per_step"] != blocks_per_step or saved["num_train_blocks"] != num_train_blocks:
             raise SystemExit(
                 f"--resume {resume_from}: that run used {saved['blocks_per_step']} blocks per step over "
-                f"{saved['num_train_blocks']} blocks; this one has {sampler.blocks_per_step} over {len(train_blocks)}. "
-                "Keep --batch-size x --grad-accum x processes, --seq-len and --data the same to resume."
+                f"{saved['num_train_blocks']} blocks; this one has {blocks_per_step} over {num_train_blocks}. "
+                "Keep --batch-size x --grad-accum x processes, --seq-len, --data and --streaming the same to resume."
+            )
+        if saved.get("data_key", data.key) != data.key:  # checkpoints from before the token store have no key
+            raise SystemExit(
+                f"--resume {resume_from}: that run trained on other data (the corpus files, the tokenizer or "
+                "--eval-fraction changed); resume with the same ones, or start a new run in another --output-dir"
             )
         scheduler.load_state_dict(saved["scheduler"])
         start_step = saved["step"]
         history = read_history(resume_from, layers)
+        if args.streaming and start_step and accelerator.is_main_process:
+            print(f"--streaming: replaying the stream's first {start_step * blocks_per_step} blocks to resume at "
+                  f"step {start_step}", flush=True)  # fmt: skip
     if accelerator.is_main_process:
         write_history(output_dir, history)  # the log (re)starts where the checkpoint was taken, or empty
     history["written"] = len(history["records"])  # records already in OUTPUT/metrics.jsonl (see append_records)
 
-    tokens_per_step = sampler.blocks_per_step * args.seq_len
+    tokens_per_step = blocks_per_step * args.seq_len
     progress = tqdm(
         total=args.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
         disable=args.no_progress or not accelerator.is_main_process, desc="train",
@@ -538,7 +584,7 @@ def train(args) -> dict:
                         step, args.max_steps)  # fmt: skip
         step_loss.zero_()
         for micro in range(args.grad_accum):
-            batch = train_blocks[sampler.micro_batch(step, micro, accelerator.process_index)].to(accelerator.device)
+            batch = draw(step, micro, accelerator.process_index).to(accelerator.device)
             # Gradients are all-reduced on the last micro-batch only.
             sync = micro == args.grad_accum - 1
             with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
@@ -576,8 +622,8 @@ def train(args) -> dict:
             append_records(output_dir, history)  # only when this step logged something
         if (args.save_every and done % args.save_every == 0) or done == args.max_steps:
             state = {
-                "step": done, "scheduler": scheduler.state_dict(), "blocks_per_step": sampler.blocks_per_step,
-                "num_train_blocks": len(train_blocks), "world_size": accelerator.num_processes,
+                "step": done, "scheduler": scheduler.state_dict(), "blocks_per_step": blocks_per_step,
+                "num_train_blocks": num_train_blocks, "world_size": accelerator.num_processes, "data_key": data.key,
             }  # fmt: skip
             save_checkpoint(accelerator, output_dir, done, state, history, args.keep_checkpoints)
     progress.close()
@@ -586,15 +632,22 @@ def train(args) -> dict:
     # FSDP shards the weights, so only replicated (DDP or single-process) weights can be compared.
     sharded = accelerator.distributed_type == DistributedType.FSDP
     fingerprints = gather_object([None if sharded else state_fingerprint(core)])
+    # What each process did with the data: whether it tokenized the corpus, and how much of the store it maps.
+    processes = gather_object([{
+        "built_store": data.info.get("built_store"),
+        "mapped_bytes": data.store.mapped_bytes() if data.store is not None else None,
+    }])  # fmt: skip
     summary = {
         "steps": args.max_steps,
         "world_size": accelerator.num_processes,
         "tokens": args.max_steps * tokens_per_step,
-        "train_blocks": len(train_blocks),
+        "train_blocks": num_train_blocks,
         "eval": next((r for r in reversed(history["records"]) if "eval_loss" in r), None),
         "replicas_identical": None if sharded else len(set(fingerprints)) == 1,
         "fingerprint": fingerprints[0],
-    }
+        "data": {**data.info, "built_store": [p["built_store"] for p in processes],
+                 "mapped_bytes": [p["mapped_bytes"] for p in processes]},
+    }  # fmt: skip
     if accelerator.is_main_process:
         write_history(output_dir, history)
         write_json(output_dir / "summary.json", summary)

@@ -115,16 +115,18 @@ def train_runs(base: list[str], runs_dir: Path) -> dict[str, dict]:
 
 
 def heldout_ids(model_dir: Path, base: list[str]) -> torch.Tensor:
-    """The eval blocks the training script held out (the last --eval-fraction of the packed corpus), flattened."""
+    """The eval blocks the training script held out (its token store's held-out documents), flattened."""
     from transformers import AutoTokenizer
 
+    from moe_mtp import data
     from moe_mtp import train as train_script
 
     args = train_script.parse_args(base)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    blocks = train_script.pack(train_script.load_documents(args), tokenizer, args.seq_len)
-    num_eval = max(1, int(len(blocks) * args.eval_fraction))
-    return blocks[-num_eval:].flatten()
+    cache = train_script.cache_dir(args)
+    store, _ = data.prepare_store(data.Corpus.from_args(args), tokenizer, args.eval_fraction, cache, builder=True)
+    blocks = store.blocks("eval", args.seq_len)
+    return blocks[range(len(blocks))].flatten()
 
 
 # --------------------------------------------------------------------------------------------------- measurements

@@ -7,6 +7,7 @@ most linear weights as block FP8 with a `weight_scale_inv` per 128x128 block. mo
 
     python examples/convert_release.py --smoke                          # seconds, a tiny hand-made release
     python examples/convert_release.py --src path/to/DeepSeek-V3 --output-dir /big/disk/v3   # the real one
+    python examples/convert_release.py --smoke --overwrite              # again, replacing the earlier conversions
 
 The same conversions from the shell:
 
@@ -18,6 +19,7 @@ The same conversions from the shell:
 import argparse
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -68,13 +70,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--output-dir", default="outputs/convert")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the moe_mtp copy.")
     parser.add_argument("--smoke", action="store_true", help="The tiny hand-made release (the default without --src).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the folders an earlier run wrote here.")
     args = parser.parse_args(argv)
     output = Path(args.output_dir)
-    src = Path(args.src) if args.src and not args.smoke else write_tiny_release(output / "release")
+    given = args.src and not args.smoke
+    # Only the folders this script writes: a --src folder is never touched.
+    names = ("moe_mtp", "deepseek") if given else ("release", "moe_mtp", "deepseek")
+    written = [output / name for name in names if (output / name).exists()]
+    if written and not args.overwrite:
+        raise SystemExit(
+            f"{output} already holds {', '.join(p.name for p in written)} from an earlier run; "
+            "pass --overwrite to replace them, or choose another --output-dir"
+        )
+    for folder in written:
+        shutil.rmtree(folder)
+    src = Path(args.src) if given else write_tiny_release(output / "release")
 
     print(f"== {src} (released layout)\n{format_inspect(inspect(src))}\n")
     ours, back = output / "moe_mtp", output / "deepseek"
-    convert(src, ours, dtype=args.dtype)  # refuses to replace an existing folder unless force=True
+    convert(src, ours, dtype=args.dtype)
     print(f"== {ours}\n{format_inspect(inspect(ours))}\n")
     convert(ours, back, dst_format="deepseek", dtype="fp8")
     print(f"== {back} (released layout again)\n{format_inspect(inspect(back))}\n")

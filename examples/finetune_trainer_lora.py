@@ -45,6 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--eval-pairs", type=int, default=40, help="Pairs held out for the eval perplexity.")
     parser.add_argument("--smoke", action="store_true", help="A few steps on a tiny base model: seconds.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the adapters of an earlier run here.")
     if "--smoke" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(max_steps=20, rank=8, lr=5e-3, eval_pairs=24)  # explicit flags still win
     return parser.parse_args(argv)
@@ -57,8 +58,11 @@ def base_model(args) -> str:
     run = Path(args.output_dir) / "base"
     if not (run / "model").is_dir():
         steps = "12" if args.smoke else "300"
-        subprocess.run([sys.executable, "-m", "moe_mtp.train", "--smoke", "--max-steps", steps, "--no-progress",
-                        "--output-dir", str(run)], check=True)  # fmt: skip
+        # --resume: a base run that was interrupted continues instead of refusing its folder
+        trained = subprocess.run([sys.executable, "-m", "moe_mtp.train", "--smoke", "--max-steps", steps, "--resume",
+                                  "--no-progress", "--output-dir", str(run)])  # fmt: skip
+        if trained.returncode:
+            raise SystemExit(f"training the base model in {run} failed (above); pass --model to use another one")
     return str(run / "model")
 
 
@@ -92,6 +96,11 @@ def collate(pad_id: int):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    output = Path(args.output_dir)
+    if (output / "adapter_model.safetensors").exists() and not args.overwrite:
+        raise SystemExit(
+            f"{output} already holds adapters; pass --overwrite to replace them, or choose another --output-dir"
+        )
     torch.manual_seed(0)
     model_dir = base_model(args)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

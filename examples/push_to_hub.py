@@ -36,8 +36,11 @@ def trained_model(args) -> Path:
         return Path(args.model)
     run = Path(args.output_dir).with_name(Path(args.output_dir).name + "-train")
     if not (run / "model").is_dir():
-        subprocess.run([sys.executable, "-m", "moe_mtp.train", "--smoke", "--no-progress", "--output-dir", str(run)],
-                       check=True)  # fmt: skip
+        # --resume: a run that was interrupted continues instead of refusing its folder
+        trained = subprocess.run([sys.executable, "-m", "moe_mtp.train", "--smoke", "--resume", "--no-progress",
+                                  "--output-dir", str(run)])  # fmt: skip
+        if trained.returncode:
+            raise SystemExit(f"training a model in {run} failed (above); pass --model to use another one")
     return run / "model"
 
 
@@ -49,12 +52,15 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--data-description", default=None, help="What the model was trained on, for the card.")
     parser.add_argument("--smoke", action="store_true", help="A tiny model: seconds (never pushes without --repo-id).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the folder an earlier run wrote.")
     args = parser.parse_args(argv)
     target = Path(args.output_dir)
-    if target.exists():
-        raise SystemExit(f"{target} already exists; choose another --output-dir or remove it")
+    if target.exists() and not args.overwrite:
+        raise SystemExit(f"{target} already exists; pass --overwrite to replace it, or choose another --output-dir")
 
     source = trained_model(args)
+    if target.exists():  # --overwrite
+        shutil.rmtree(target)
     model = MoeMtpForCausalLM.from_pretrained(source, dtype=torch.float32)
     run = source.parent  # a `python -m moe_mtp.train` output folder holds the plots and summary.json
     target.mkdir(parents=True)

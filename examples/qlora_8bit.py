@@ -16,6 +16,7 @@ Needs bitsandbytes >= 0.48 on a CPU (`pip install 'bitsandbytes>=0.48'`).
 import argparse
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--smoke", action="store_true", help="A few steps on a tiny base model: seconds.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace the adapters and merged model of an earlier run."
+    )
     if "--smoke" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(max_steps=12, rank=8, lr=5e-3)
     return parser.parse_args(argv)
@@ -50,8 +54,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(0)
     output = Path(args.output_dir)
-    if (output / "merged").exists():
-        raise SystemExit(f"{output / 'merged'} already exists; choose another --output-dir or remove it")
+    if (output / "merged").exists() and not args.overwrite:
+        raise SystemExit(
+            f"{output / 'merged'} already exists; pass --overwrite to replace it, or choose another --output-dir"
+        )
+    for folder in (output / "merged", output / "adapters"):
+        shutil.rmtree(folder, ignore_errors=True)  # only with --overwrite, or left by a run that stopped early
     sys.path.insert(0, str(HERE))  # the data helpers of the LoRA example
     from finetune_trainer_lora import base_model, collate, load_pairs
 

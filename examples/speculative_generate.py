@@ -36,8 +36,11 @@ def trained_model(args) -> str:
     if not (run / "model").is_dir():
         # the smoke-sized model; without --smoke it trains 25 times longer, so its MTP module agrees more often
         flags = ["--smoke"] if args.smoke else ["--smoke", "--max-steps", "300", "--eval-every", "100"]
-        subprocess.run([sys.executable, "-m", "moe_mtp.train", *flags, "--no-progress", "--output-dir", str(run)],
-                       check=True)  # fmt: skip
+        # --resume: a run that was interrupted continues instead of refusing its folder
+        trained = subprocess.run([sys.executable, "-m", "moe_mtp.train", *flags, "--resume", "--no-progress",
+                                  "--output-dir", str(run)])  # fmt: skip
+        if trained.returncode:
+            raise SystemExit(f"training a model in {run} failed (above); pass --model to use another one")
     return str(run / "model")
 
 

@@ -1,7 +1,9 @@
 """Tiny in-memory configs and the reference configs shared by the tests."""
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,25 @@ def pristine(tmp_path_factory):
 def src(pristine, tmp_path):
     """A fresh copy of `pristine` that a test may break."""
     return Path(shutil.copytree(pristine, tmp_path / "src"))
+
+
+# Trained tokenizers and token stores go to a folder of this test session, not ~/.cache/moe_mtp. Set when conftest is
+# imported: test modules copy os.environ for their subprocesses when they are imported, before any fixture runs.
+TOKEN_CACHE = tempfile.mkdtemp(prefix="moe_mtp_cache_")
+os.environ["MOE_MTP_CACHE"] = TOKEN_CACHE
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_token_cache():
+    yield
+    shutil.rmtree(TOKEN_CACHE, ignore_errors=True)
+
+
+def write_corpus(path: Path, documents: int = 600, skip: int = 0) -> Path:
+    """A .txt corpus of paragraphs of the stdlib's pydoc topics: one document per paragraph (blank lines between)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in sorted(topics))
+    paragraphs = [p for p in text.split("\n\n") if p.strip()][skip : skip + documents]
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path

@@ -1,4 +1,5 @@
-"""train.py, end to end in subprocesses: a smoke run's outputs, SIGKILL + resume bit for bit, two gloo processes."""
+"""train.py, end to end in subprocesses: a smoke run's outputs, SIGKILL + resume bit for bit, two gloo processes
+sharing one token store; in-process: the data cache reused across runs, --streaming, reruns in one folder."""
 
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_corpus
 from safetensors.torch import load_file
 
 from moe_mtp.train import BlockSampler, parse_args, train
@@ -122,10 +124,20 @@ def test_sigkill_then_resume_ends_bit_identical(reference_run, tmp_path):
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(reference_run, tmp_path):
+    store = Path(json.loads((reference_run / "summary.json").read_text())["data"]["store"])
+    written = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in store.iterdir()}
     output_dir = tmp_path / "ddp"
     finish(launch(output_dir, "--batch-size", "2", processes=2))
     summary = json.loads((output_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
+    # Both ranks read the store the single-process run built: neither tokenized the corpus, the files are the
+    # same ones, and each rank maps all of them (whole pages: the kernel rounds each file up to the page size).
+    data = summary["data"]
+    assert Path(data["store"]) == store and data["built_store"] == [False, False]
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in store.iterdir()} == written
+    page = os.sysconf("SC_PAGE_SIZE")
+    store_pages = sum(-(-(store / name).stat().st_size // page) * page for name in ("train.bin", "eval.bin"))
+    assert data["mapped_bytes"] == [store_pages, store_pages] and store_pages - data["store_bytes"] < 2 * page
     assert summary["replicas_identical"], "weights or balancing biases differ between the ranks"
     two, one = losses(output_dir), losses(reference_run)
     assert two.keys() == one.keys()
@@ -166,6 +178,61 @@ def test_block_sampler_splits_one_global_batch_over_processes():
     for step in range(10):  # crosses epochs
         for micro in range(2):
             assert one.micro_batch(step, micro, 0) == two.micro_batch(step, micro, 0) + two.micro_batch(step, micro, 1)
+
+
+def test_a_second_run_in_the_same_folder_stops_with_one_line_saying_what_to_do(reference_run):
+    again = subprocess.run(
+        [sys.executable, "-m", "moe_mtp.train", *RUN, "--output-dir", str(reference_run)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"{reference_run} already holds files; pass --resume to continue that run, --overwrite to start over in it, "
+        "or choose another --output-dir"
+    )
+
+
+def in_process(*argv: str) -> dict:
+    return train(parse_args(["--smoke", "--no-plots", "--no-progress", *argv]))
+
+
+def test_the_tokenizer_and_token_store_are_reused_by_later_runs_and_rebuilt_for_another_corpus(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    flags = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1", "--eval-batches", "1"]
+    first = in_process(*flags, "--output-dir", str(tmp_path / "first"))
+    assert first["data"]["built_store"] == [True] and "tokenizer: trained" in capsys.readouterr().out
+    second = in_process(*flags, "--output-dir", str(tmp_path / "second"))
+    assert second["data"]["built_store"] == [False] and "tokenizer: reused" in capsys.readouterr().out
+    assert second["data"]["store"] == first["data"]["store"]
+    assert second["data"]["prep_seconds"] < 0.25 * first["data"]["prep_seconds"], (first["data"], second["data"])
+    assert (tmp_path / "first" / "tokenizer" / "tokenizer.json").read_text() == (
+        tmp_path / "second" / "tokenizer" / "tokenizer.json"
+    ).read_text()
+
+    write_corpus(corpus, documents=250)  # --smoke reads at most 300
+    third = in_process(*flags, "--output-dir", str(tmp_path / "third"))
+    assert third["data"]["built_store"] == [True] and third["data"]["store"] != first["data"]["store"]
+    assert third["data"]["documents"] == 250 and "tokenizer: trained" in capsys.readouterr().out
+
+
+def test_streaming_trains_from_a_local_datasets_stream_and_resumes_exactly(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    documents = write_corpus(tmp_path / "corpus.txt").read_text().split("\n\n")
+    corpus.write_text("".join(json.dumps({"body": text}) + "\n" for text in documents))
+    flags = ["--streaming", "--data", str(corpus), "--text-column", "body", "--max-steps", "4", "--save-every", "2"]
+    flags += ["--eval-every", "2", "--eval-batches", "2", "--cache-dir", str(tmp_path / "cache")]
+    full = in_process(*flags, "--output-dir", str(tmp_path / "full"))
+    assert full["data"]["mode"] == "streaming" and full["data"]["built_store"] == [None]
+    assert full["data"]["eval_blocks"] == 8 and full["eval"]["eval_ppl"] < 512
+    assert not (tmp_path / "cache" / "tokens").exists()  # no store: the stream was tokenized as it was read
+
+    # From the step-2 checkpoint, in another folder: the stream is replayed up to step 2, and the run ends the same.
+    checkpoint = tmp_path / "full" / "checkpoints" / "step-00000002"
+    in_process(*flags, "--output-dir", str(tmp_path / "resumed"), "--resume", str(checkpoint))
+    resumed = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    for name, tensor in load_file(tmp_path / "full" / "model" / "model.safetensors").items():
+        assert torch.equal(resumed[name], tensor), name
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
 
 
 def test_refuses_to_write_over_an_earlier_run(tmp_path, capsys):
