@@ -79,14 +79,17 @@ QUICKSTART_MODEL ?= --num-layers 8 --hidden-size 192 --intermediate-size 384 --m
 	--q-lora-rank 96 --kv-lora-rank 64 --lr 2e-3
 QUICKSTART_ARGS ?= --max-steps 400
 ALIGN_ARGS ?= --max-steps 150
+# Data flags both training and re-alignment need, so that they share one token store and held-out split.
+QUICKSTART_DATA ?=
 GENERATE_ARGS ?=
 
 quickstart: $(INSTALL_STAMP)
 	$(PY) -m moe_mtp.corpora stdlib-code $(QUICKSTART_DIR)/corpus --max-bytes $(QUICKSTART_CORPUS_BYTES)
 	$(PY) -m moe_mtp.train --data $(QUICKSTART_DIR)/corpus/train.jsonl --output-dir $(QUICKSTART_DIR) --resume \
-		$(QUICKSTART_MODEL) $(QUICKSTART_ARGS)
+		$(QUICKSTART_MODEL) $(QUICKSTART_DATA) $(QUICKSTART_ARGS)
 	$(PY) -m moe_mtp.train --mtp-only --model $(QUICKSTART_DIR)/model --data $(QUICKSTART_DIR)/corpus/train.jsonl \
-		--output-dir $(QUICKSTART_DIR)/aligned --overwrite $(filter --smoke --no-progress,$(QUICKSTART_ARGS)) $(ALIGN_ARGS)
+		--output-dir $(QUICKSTART_DIR)/aligned --overwrite $(filter --smoke --no-progress,$(QUICKSTART_ARGS)) \
+		$(QUICKSTART_DATA) $(ALIGN_ARGS)
 	$(PY) examples/speculative_generate.py --model $(QUICKSTART_DIR)/model $(QUICKSTART_DIR)/aligned/model \
 		--prompts $(QUICKSTART_DIR)/corpus/heldout.jsonl --output-dir $(QUICKSTART_DIR) $(GENERATE_ARGS)
 	@echo "quickstart: plots, metrics and the Hub-ready model folders (model/, aligned/model/) are in $(QUICKSTART_DIR)/"

@@ -17,6 +17,7 @@ def test_make_quickstart_smoke(tmp_path):
     command = [
         "make", "-C", str(REPO), "quickstart", f"PY={sys.executable}", f"QUICKSTART_DIR={out}",
         "QUICKSTART_ARGS=--smoke --no-progress", "GENERATE_ARGS=--smoke", "QUICKSTART_CORPUS_BYTES=400000",
+        "QUICKSTART_DATA=--eval-fraction 0.3",  # 20 files: the default 5% would hold none out
         "ALIGN_ARGS=--max-steps 20",
         "-o", ".venv/.moe-mtp-installed",  # the venv running this test is the one to use; never rebuild it here
     ]  # fmt: skip
