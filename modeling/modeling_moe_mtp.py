@@ -618,7 +618,27 @@ class MoeMtpMoE(nn.Module):
         grouped = self.experts.grouped_weights()
         if grouped is None:
             return self.per_expert_dispatch(tokens, topk_indices, topk_weights)
+        if tokens.device.type == "cpu" and not torch.is_grad_enabled() and topk_indices.numel() * 2 <= len(self.experts):
+            return self.sliced_dispatch(tokens, topk_indices, topk_weights, grouped[0])
         return self.grouped_dispatch(tokens, topk_indices, topk_weights, *grouped)
+
+    def sliced_dispatch(self, tokens, topk_indices, topk_weights, packed) -> torch.Tensor:
+        """Decode-sized CPU steps without autograd (fewer slots than half the experts): each slot runs two GEMVs on
+        its expert's slices of the packed buffers. CPU's grouped GEMM visits every expert, most of them without a
+        row, and gathering the experts' weights for a batched matmul copies them; both measured slower. (On CUDA the
+        slot loop would need the expert ids on the host, a sync per layer.)"""
+        self.experts.last_path = "sliced"
+        num_tokens, top_k = topk_indices.shape
+        dtype = packed["gate_up"].dtype
+        act_fn = self.experts[0].act_fn
+        rows = tokens.to(dtype)
+        weights = topk_weights.to(dtype)
+        output = torch.zeros_like(rows)
+        for slot, expert in enumerate(topk_indices.flatten().tolist()):
+            token = slot // top_k
+            gate, up = F.linear(rows[token], packed["gate_up"][expert]).chunk(2)
+            output[token] += F.linear(act_fn(gate) * up * weights[token, slot % top_k], packed["down"][expert])
+        return output.to(tokens.dtype)
 
     def grouped_dispatch(self, tokens, topk_indices, topk_weights, packed, weights) -> torch.Tensor:
         """Slots sorted by expert, gate/up as one grouped GEMM and down as another. Offsets stay on the device."""

@@ -210,6 +210,38 @@ def test_stopping_eos_max_new_tokens_and_streamer():
         assert torch.equal(model.generate(ids, **short), model.generate(ids, use_mtp=True, **short))
 
 
+def test_fast_stopping_path_equals_the_general_one(monkeypatch):
+    """The vectorized min-length processors and max-length/EOS criteria (`commit_simple`) against the general
+    position-by-position path they stand in for: same sequences, same acceptance statistics, with an EOS in the
+    middle of a row, a min_new_tokens ban, and without any EOS."""
+    model = agreeing_model(num_nextn_predict_layers=1)
+    ids, mask = random_batch(4, torch.Generator().manual_seed(11))
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None)
+    eos = int(plain[1, ids.shape[1] + 4])
+    cases = [
+        dict(max_new_tokens=30, eos_token_id=eos, pad_token_id=0),
+        dict(max_new_tokens=30, eos_token_id=eos, pad_token_id=0, min_new_tokens=8),
+        dict(max_new_tokens=17, eos_token_id=None, pad_token_id=0),
+    ]
+
+    def run(case):
+        out = model.generate(
+            ids, attention_mask=mask, do_sample=False, use_mtp=True, num_mtp_draft_tokens=2,
+            return_dict_in_generate=True, **case,
+        )  # fmt: skip
+        return out.sequences, out.mtp_stats
+
+    fast = [run(case) for case in cases]
+    decoder = speculative._SpeculativeDecoder
+    monkeypatch.setattr(decoder, "_length_only_processors", lambda self: None)
+    monkeypatch.setattr(decoder, "_simple_criteria", lambda self: None)
+    general = [run(case) for case in cases]
+    for case, (fast_ids, fast_stats), (general_ids, general_stats) in zip(cases, fast, general, strict=True):
+        assert torch.equal(fast_ids, general_ids), case
+        assert fast_stats == general_stats, case
+    assert (fast[0][0][1, ids.shape[1] + 5 :] == 0).all()  # the row that met EOS is padded after it
+
+
 def test_text_streamer_receives_the_same_text():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
