@@ -618,7 +618,11 @@ class MoeMtpMoE(nn.Module):
         grouped = self.experts.grouped_weights()
         if grouped is None:
             return self.per_expert_dispatch(tokens, topk_indices, topk_weights)
-        if tokens.device.type == "cpu" and not torch.is_grad_enabled() and topk_indices.numel() * 2 <= len(self.experts):
+        if (
+            tokens.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and topk_indices.numel() * 2 <= len(self.experts)
+        ):
             return self.sliced_dispatch(tokens, topk_indices, topk_weights, grouped[0])
         return self.grouped_dispatch(tokens, topk_indices, topk_weights, *grouped)
 
