@@ -77,11 +77,12 @@ QUICKSTART_DIR ?= outputs/quickstart
 QUICKSTART_CORPUS_BYTES ?= 6000000
 QUICKSTART_MODEL ?= --num-layers 8 --hidden-size 192 --intermediate-size 384 --moe-intermediate-size 96 \
 	--q-lora-rank 96 --kv-lora-rank 64 --lr 2e-3
-QUICKSTART_ARGS ?= --max-steps 400
-ALIGN_ARGS ?= --max-steps 150
+# Sized to the 8-minute budget on 2 cores, venv included (docs/claims.md has the timed run).
+QUICKSTART_ARGS ?= --max-steps 320 --eval-every 80 --eval-batches 8 --save-every 160
+ALIGN_ARGS ?= --max-steps 120 --eval-batches 8 --acceptance-prompts 4
 # Data flags both training and re-alignment need, so that they share one token store and held-out split.
 QUICKSTART_DATA ?=
-GENERATE_ARGS ?=
+GENERATE_ARGS ?= --num-prompts 12 --max-new-tokens 48 --repeats 2
 
 quickstart: $(INSTALL_STAMP)
 	$(PY) -m moe_mtp.corpora stdlib-code $(QUICKSTART_DIR)/corpus --max-bytes $(QUICKSTART_CORPUS_BYTES)
