@@ -3,10 +3,12 @@
 Rows: training step (forward + backward, tokens/s), prefill (tokens/s) and greedy decode (new tokens/s), then rows
 at DeepSeek-V3's MoE proportions (256 routed experts, top-8, 8 groups with top-4, 1 shared expert; hidden 256, expert
 width 64, 2048 tokens): one MoE layer forward + backward against transformers' grouped_mm experts and against a dense
-lower bound, and a 4-layer training step. Runs alternate between the models and the median is reported, so they see
-the same machine load. A missed target prints by how much and a profiler breakdown of our side.
+lower bound, and a 4-layer training step. Then a sweep of one MoE layer over the tokens in a step, from 1 (decode)
+to 8192, forward without grad and forward + backward, at DeepSeek-V3's proportions and at the 32-expert config.
+Runs alternate between the models and the median is reported, so they see the same machine load. A missed target
+prints by how much and a profiler breakdown of our side.
 
-    python benchmarks/bench_model.py [--threads N] [--repeats R] [--deepseek-v3-only]
+    python benchmarks/bench_model.py [--threads N] [--repeats R] [--deepseek-v3-only] [--sweep-only]
 """
 
 import argparse
@@ -230,17 +232,85 @@ def deepseek_v3_rows(args):
         profile_breakdown(label, fn, model, inputs)
 
 
+SWEEP_TOKENS = (1, 4, 16, 128, 512, 2048, 8192)
+
+
+def moe_layer_forward(layer, hidden_states):
+    with torch.no_grad():
+        layer(hidden_states)
+
+
+def repeated(fn, times):
+    """`fn` run `times` times per measurement, so that a 1-token step is not timed at the clock's resolution."""
+
+    def run(model, inputs):
+        for _ in range(times):
+            fn(model, inputs)
+
+    return run
+
+
+def sweep_rows(args, config, name):
+    """One MoE layer, ours against transformers' (and the dense bound), at each token count of SWEEP_TOKENS.
+    Targets (issue 19): >= 1.0x everywhere, >= 1.3x forward + backward at 2048 and 8192 tokens, and within 1.5x of
+    the dense bound at 8192."""
+    ours, theirs = build_models(config)
+    torch.manual_seed(1)
+    layers = {"moe_mtp": ours.model.layers[1].mlp, "transformers": theirs.model.layers[1].mlp}
+    layers["dense"] = DenseEquivalent(config)
+    print(
+        f"\nMoE layer sweep, {name}: {config['n_routed_experts']} routed experts, top-{config['num_experts_per_tok']}, "
+        f"hidden {config['hidden_size']}, expert width {config['moe_intermediate_size']}, {args.threads} threads, "
+        "fp32 CPU; ratio = transformers time / ours"
+    )
+    print(
+        f"{'tokens':>7}  {'fwd no-grad':>12} {'path':>10}  {'fwd+bwd':>9} {'path':>10}  {'fwd+bwd / dense bound':>22}"
+    )
+    missed = []
+    for tokens in SWEEP_TOKENS:
+        inner = max(1, 512 // tokens)
+        hidden_states = torch.randn(1, tokens, config["hidden_size"], requires_grad=True)
+        cells = []
+        for label, fn, target in (
+            ("fwd no-grad", moe_layer_forward, 1.0),
+            ("fwd+bwd", moe_layer_step, 1.3 if tokens >= 2048 else 1.0),
+        ):
+            seconds = measure(repeated(fn, inner), layers, hidden_states, args.repeats)
+            ratio = seconds["transformers"] / seconds["moe_mtp"]
+            path = layers["moe_mtp"].experts.last_path
+            cells.append((ratio, path, seconds))
+            if ratio < target:
+                missed.append(
+                    (f"{label}, {tokens} tokens: {ratio:.2f}x < {target}x", repeated(fn, inner), hidden_states)
+                )
+        bound = cells[1][2]["moe_mtp"] / cells[1][2]["dense"]
+        if tokens == 8192 and bound > 1.5:
+            missed.append((f"fwd+bwd, 8192 tokens: {bound:.2f}x the dense bound > 1.5x", moe_layer_step, hidden_states))
+        print(
+            f"{tokens:>7}  {cells[0][0]:>11.2f}x {cells[0][1]:>10}  {cells[1][0]:>8.2f}x {cells[1][1]:>10}  {bound:>21.2f}x"
+        )
+    for label, *_ in missed:
+        print(f"  MISSED: {label}")
+    for label, fn, inputs in missed[:2]:
+        profile_breakdown(label, fn, layers["moe_mtp"], inputs)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--deepseek-v3-only", action="store_true", help="run only the rows at DeepSeek-V3 proportions")
+    parser.add_argument("--sweep-only", action="store_true", help="run only the MoE layer sweep over token counts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.set_verbosity_error()
+    if not args.sweep_only:
+        if not args.deepseek_v3_only:
+            main_rows(args)
+        deepseek_v3_rows(args)
+    sweep_rows(args, DSV3_CONFIG, "DeepSeek-V3 proportions")
     if not args.deepseek_v3_only:
-        main_rows(args)
-    deepseek_v3_rows(args)
+        sweep_rows(args, CONFIG, "32 experts")
 
 
 if __name__ == "__main__":

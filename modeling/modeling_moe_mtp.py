@@ -621,16 +621,17 @@ class MoeMtpMoE(nn.Module):
         if (
             tokens.device.type == "cpu"
             and not torch.is_grad_enabled()
-            and topk_indices.numel() * 2 <= len(self.experts)
+            and topk_indices.numel() * 4 <= len(self.experts)
         ):
             return self.sliced_dispatch(tokens, topk_indices, topk_weights, grouped[0])
         return self.grouped_dispatch(tokens, topk_indices, topk_weights, *grouped)
 
     def sliced_dispatch(self, tokens, topk_indices, topk_weights, packed) -> torch.Tensor:
-        """Decode-sized CPU steps without autograd (fewer slots than half the experts): each slot runs two GEMVs on
-        its expert's slices of the packed buffers. CPU's grouped GEMM visits every expert, most of them without a
-        row, and gathering the experts' weights for a batched matmul copies them; both measured slower. (On CUDA the
-        slot loop would need the expert ids on the host, a sync per layer.)"""
+        """Decode-sized CPU steps without autograd (at most a quarter as many slots as experts): each slot runs two
+        GEMVs on its expert's slices of the packed buffers. CPU's grouped GEMM visits every expert, most of them
+        without a row, and gathering the experts' weights for a batched matmul copies them; both measured slower
+        (`bench_model.py`'s sweep; the loop's cost grows with the slots, and at 256 experts it passes the grouped
+        GEMM's between 32 and 128 slots). On CUDA the loop would need the expert ids on the host, a sync per layer."""
         self.experts.last_path = "sliced"
         num_tokens, top_k = topk_indices.shape
         dtype = packed["gate_up"].dtype
