@@ -57,11 +57,11 @@ class MoeMtpConfig(PretrainedConfig):
             "mlp.shared_experts.gate_proj": "colwise",
             "mlp.shared_experts.up_proj": "colwise",
             "mlp.shared_experts.down_proj": "rowwise",
-            "mlp.gate_proj": "colwise",
-            "mlp.up_proj": "colwise",
-            "mlp.down_proj": "rowwise",
         }.items()
     }
+    # Dense MLPs: the first_k_dense_replace main layers (MTP modules are MoE).
+    base_model_tp_plan.update({"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise"})
+    base_model_tp_plan["layers.*.mlp.down_proj"] = "rowwise"
     base_model_ep_plan = {
         f"{stack}.*.mlp.experts{name}": style
         for stack in ("layers", "mtp_layers")

@@ -40,6 +40,11 @@ from .speculative import MTP_GENERATE_KWARGS
 
 logger = logging.get_logger(__name__)
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support: no tensor parallelism either
+    DTensor = ()
+
 
 class MoeMtpRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -272,7 +277,10 @@ class MoeMtpAttention(nn.Module):
         Heads are folded into the query length so every matmul is a plain bmm with no broadcast copies.
         """
         batch_size, num_heads, q_len, _ = q_nope.shape
-        weight = self.kv_b_proj.weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        weight = self.kv_b_proj.weight
+        if isinstance(weight, DTensor):  # tensor parallel: this rank's heads (rows), as q_nope holds
+            weight = weight.to_local()
+        weight = weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_key, w_value = weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(num_heads, batch_size * q_len, -1), w_key)
         q_latent = (
