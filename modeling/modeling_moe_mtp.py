@@ -964,6 +964,12 @@ def _checked_local_family(path, allow_missing: bool, kwargs: dict) -> str | None
         conversion = _package_module("conversion")
     except ImportError:  # running as remote code, without moe_mtp: transformers' own loading
         return None
+    from transformers.distributed.checkpoint import is_sharded_checkpoint
+
+    if is_sharded_checkpoint(folder):
+        # Rank-local files of `save_pretrained(..., distributed_checkpoint=True)`: the model's own names, one file
+        # per rank, which transformers loads strictly under a distributed_config (torch.distributed.checkpoint).
+        return "moe_mtp"
     family = conversion.folder_family(folder, config_given=kwargs.get("config") is not None)
     if family is not None:
         for note in conversion.check_folder(folder, allow_missing=allow_missing, missing_hint=MISSING_WEIGHTS_HINT):
