@@ -141,6 +141,9 @@ def update_balancing_bias(model: nn.Module, gamma: float | None = None, *, manua
     ])  # fmt: skip
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(load)
+        # Ranks of one tensor-parallel group route the same batch (expert parallelism within it included): count it
+        # once. DDP and FSDP ranks each see their own data, and sum.
+        load /= max(getattr(getattr(owner.config, "distributed_config", None), "tp_size", 1) or 1, 1)
     for _, router in routers:
         if router.tokens_per_expert.is_meta:
             router.tokens_per_expert = torch.zeros(router.num_experts, dtype=torch.long, device=device)

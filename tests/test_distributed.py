@@ -12,6 +12,7 @@ import torch.distributed as dist
 from conftest import randomize_router_bias, tiny_config
 
 from moe_mtp import MoeMtpForCausalLM
+from moe_mtp.modeling.balancing import balancing_state
 from moe_mtp.modeling.modeling_moe_mtp import MoeMtpExperts
 
 EXPERTS = 16
@@ -98,14 +99,20 @@ def _tp_ep_worker(rank, folder, out):
         assert {e.last_path for e in experts} == {"grouped"}
         # 2 tokens against 16 experts: most experts get nothing on this rank, and nothing waits for them.
         model(ids[:1, :2], labels=ids[:1, :2]).loss.backward()
+        torch.optim.SGD(model.parameters(), lr=LR).step()  # moves the bias from both batches' loads, counted once
+        biases = {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
+        load = balancing_state(model.model).last_load
 
         model.eval()
+        with torch.no_grad():
+            stepped = model(ids).logits
         prompt = ids[:2, :5]
         plain = model.generate(prompt, max_new_tokens=6, do_sample=False)
         drafted = model.generate(prompt, max_new_tokens=6, do_sample=False, use_mtp=True)
         model.save_pretrained(os.path.join(out, "saved"))
         torch.save(
-            {"logits": logits, "loss": result.loss.detach(), "grads": grads, "plain": plain, "drafted": drafted},
+            {"logits": logits, "loss": result.loss.detach(), "grads": grads, "plain": plain, "drafted": drafted,
+             "biases": biases, "load": load, "stepped": stepped},  # fmt: skip
             os.path.join(out, f"rank{rank}.pt"),
         )
     finally:
@@ -122,21 +129,28 @@ def test_tensor_and_expert_parallel_match_one_process(folder, tmp_path):
     model.train()
     want = model(ids, labels=ids)
     want.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model(ids[:1, :2], labels=ids[:1, :2]).loss.backward()
+    before = {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
+    torch.optim.SGD(model.parameters(), lr=LR).step()
     model.eval()
     prompt = ids[:2, :5]
     want_tokens = model.generate(prompt, max_new_tokens=6, do_sample=False)
     for got in ranks:
         torch.testing.assert_close(got["logits"], want_logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(got["loss"], want.loss.detach(), atol=1e-5, rtol=0)
-        for name, param in model.named_parameters():
-            torch.testing.assert_close(got["grads"][name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+        assert got["grads"].keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(got["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        assert torch.equal(got["load"], balancing_state(model.model).last_load)  # each token counted once
+        for name, bias in got["biases"].items():
+            assert not torch.equal(bias, before[name]) and torch.equal(bias, model.get_buffer(name)), name
         assert torch.equal(got["plain"], want_tokens) and torch.equal(got["drafted"], want_tokens)
 
-    saved = MoeMtpForCausalLM.from_pretrained(tmp_path / "saved").eval()  # the per-expert keys, MTP included
+    # Saved after the step from the sharded model: per-expert keys, MTP included, loading in one process.
+    saved = MoeMtpForCausalLM.from_pretrained(tmp_path / "saved").eval()
     with torch.no_grad():
-        torch.testing.assert_close(saved(ids).logits, want_logits, atol=1e-5, rtol=0)
-    for key, value in saved.state_dict().items():
-        assert torch.equal(value, model.state_dict()[key]), key
+        torch.testing.assert_close(saved(ids).logits, ranks[0]["stepped"], atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------------------ FSDP2
