@@ -18,9 +18,12 @@ def detect_layout(keys, family: str) -> str:
     `save_pretrained(save_original_format=False)` writes it), 'moe_mtp' for our names ('moe_mtp_base' as the base
     model saves them, without the `model.` prefix), else 'deepseek' (the released layout)."""
     keys = list(keys)
+    base = family == "moe_mtp" and "embed_tokens.weight" in keys and not any(k.startswith("model.") for k in keys)
     if any(k.endswith(".mlp.experts.gate_up_proj") or k.endswith(".mlp.experts.down_proj") for k in keys):
-        return "moe_mtp_model" if family == "moe_mtp" else "transformers"
-    if family == "moe_mtp" and "embed_tokens.weight" in keys and not any(k.startswith("model.") for k in keys):
+        if family == "moe_mtp":
+            return "moe_mtp_model_base" if base else "moe_mtp_model"
+        return "transformers"
+    if base:
         return "moe_mtp_base"
     if family == "moe_mtp" or any(k.startswith("model.mtp_layers.") for k in keys):
         return "moe_mtp"

@@ -345,3 +345,21 @@ def test_compiled_model_training_step_is_one_graph():
     loss = compiled(input_ids, labels=input_ids).loss
     loss.backward()
     assert torch.isfinite(loss) and paths(model) == {"grouped"}
+
+
+@pytest.mark.parametrize("base", [False, True])
+def test_folders_saved_with_stacked_experts_load(tmp_path, base):
+    """`save_pretrained(save_original_format=False)` writes the model's own stacked names; such a folder passes the
+    folder check (the moe_mtp_model layouts) and loads exactly, for the causal LM and the base model."""
+    from moe_mtp import MoeMtpModel
+
+    model = make_model().eval()
+    model = model.model if base else model
+    model.save_pretrained(tmp_path, save_original_format=False)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    prefix = "" if base else "model."
+    assert f"{prefix}layers.1.mlp.experts.gate_up_proj" in keys and f"{prefix}mtp_layers.0.mlp.experts.down_proj" in keys
+    loaded = (MoeMtpModel if base else MoeMtpForCausalLM).from_pretrained(tmp_path).eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
