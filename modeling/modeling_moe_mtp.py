@@ -617,8 +617,12 @@ EXPERT_CHECKPOINT_MAPPING = [
         operations=[MergeModulelist(dim=0)],
     ),
 ]
-# overwrite: this file also runs as Hub remote code, beside an installed moe_mtp.
-register_checkpoint_conversion_mapping("moe_mtp", EXPERT_CHECKPOINT_MAPPING, overwrite=True)
+# Registered by class name rather than model type: PEFT (0.19) rewrites LoRA adapter state dicts for any model type
+# with a mapping while loading them, which fails on transformers 5.24; our adapters are stored as the model holds
+# them and need no rewriting. overwrite: this file also runs as Hub remote code, beside an installed moe_mtp.
+MAPPED_CLASSES = ("MoeMtpForCausalLM", "MoeMtpModel")
+for _name in MAPPED_CLASSES:
+    register_checkpoint_conversion_mapping(_name, EXPERT_CHECKPOINT_MAPPING, overwrite=True)
 
 
 PER_EXPERT_KEY = re.compile(r"(?P<experts>(?:.+\.)?experts)\.(?P<expert>\d+)\.(?P<part>gate|up|down)_proj\.weight")
@@ -648,20 +652,20 @@ def fuse_expert_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @contextmanager
 def expert_checkpoint_mapping(per_expert_model: bool):
     """Leaves the expert mapping out of a load whose model holds per-expert modules (MoeMtpExpertList), whose
-    parameters already carry the on-disk keys. transformers looks mappings up by model type, not by instance."""
+    parameters already carry the on-disk keys. transformers looks mappings up by class, not by instance."""
     if not per_expert_model:
         yield
         return
     import transformers.conversion_mapping as mappings
 
-    get_checkpoint_conversion_mapping("moe_mtp")  # builds the table if nothing has yet
+    get_checkpoint_conversion_mapping(MAPPED_CLASSES[0])  # builds the table if nothing has yet
     table = mappings._checkpoint_conversion_mapping_cache
-    held = table.get("moe_mtp")
-    table["moe_mtp"] = []
+    held = {name: table.get(name) for name in MAPPED_CLASSES}
+    table.update(dict.fromkeys(MAPPED_CLASSES, []))
     try:
         yield
     finally:
-        table["moe_mtp"] = held
+        table.update(held)
 
 
 class MoeMtpMoE(nn.Module):
