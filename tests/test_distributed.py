@@ -9,7 +9,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import randomize_router_bias, tiny_config
+
+try:
+    from conftest import randomize_router_bias, tiny_config
+except ImportError:  # a spawned worker imports this module for its function only; another tests/ conftest may win
+    randomize_router_bias = tiny_config = None
 
 from moe_mtp import MoeMtpForCausalLM
 from moe_mtp.modeling.balancing import balancing_state
@@ -111,8 +115,16 @@ def _tp_ep_worker(rank, folder, out):
         drafted = model.generate(prompt, max_new_tokens=6, do_sample=False, use_mtp=True)
         model.save_pretrained(os.path.join(out, "saved"))
         torch.save(
-            {"logits": logits, "loss": result.loss.detach(), "grads": grads, "plain": plain, "drafted": drafted,
-             "biases": biases, "load": load, "stepped": stepped},  # fmt: skip
+            {
+                "logits": logits,
+                "loss": result.loss.detach(),
+                "grads": grads,
+                "plain": plain,
+                "drafted": drafted,
+                "biases": biases,
+                "load": load,
+                "stepped": stepped,
+            },  # fmt: skip
             os.path.join(out, f"rank{rank}.pt"),
         )
     finally:

@@ -29,7 +29,7 @@ def agreeing_model(scale: float = 0.05, **overrides) -> MoeMtpForCausalLM:
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
                 param.mul_(scale)
         for layer in model.model.mtp_layers:
             from_hidden = torch.randn(hidden, hidden, generator=generator) * scale / math.sqrt(hidden)
