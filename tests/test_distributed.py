@@ -10,14 +10,22 @@ import pytest
 import torch
 import torch.distributed as dist
 
-try:
-    from conftest import randomize_router_bias, tiny_config
-except ImportError:  # a spawned worker imports this module for its function only; another tests/ conftest may win
-    randomize_router_bias = tiny_config = None
-
 from moe_mtp import MoeMtpForCausalLM
 from moe_mtp.modeling.balancing import balancing_state
 from moe_mtp.modeling.modeling_moe_mtp import MoeMtpExperts
+
+
+def _helpers():
+    """tests/conftest.py by path: spawned workers re-import this module, and the name `conftest` may be another
+    folder's there (tests/transformers_common has one)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_moe_mtp_test_helpers", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 EXPERTS = 16
 STEPS = 3
@@ -26,7 +34,7 @@ LR = 0.5
 
 def config():
     # fp32, 16 routed experts (4 groups of 4), top-2, one MTP module; bias moves fast enough to see in 3 steps.
-    return tiny_config("v3", n_routed_experts=EXPERTS, num_nextn_predict_layers=1, bias_update_speed=0.01)
+    return _helpers().tiny_config("v3", n_routed_experts=EXPERTS, num_nextn_predict_layers=1, bias_update_speed=0.01)
 
 
 def batch(rows=4, seq_len=10):
@@ -36,7 +44,7 @@ def batch(rows=4, seq_len=10):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     model = MoeMtpForCausalLM(config())
-    randomize_router_bias(model)
+    _helpers().randomize_router_bias(model)
     path = tmp_path_factory.mktemp("distributed") / "model"
     model.save_pretrained(path)
     return path
