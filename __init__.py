@@ -6,7 +6,7 @@ Importing the package registers the `moe_mtp` model type with transformers' Auto
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration import MoeMtpConfig
-from .modeling import MoeMtpForCausalLM, MoeMtpModel, MoeMtpPreTrainedModel
+from .modeling import ROUTED_EXPERT_PARAMETERS, MoeMtpForCausalLM, MoeMtpModel, MoeMtpPreTrainedModel
 from .quantization import hide_unused_kernel_warning
 
 hide_unused_kernel_warning()
@@ -16,4 +16,4 @@ AutoModel.register(MoeMtpConfig, MoeMtpModel, exist_ok=True)
 AutoModelForCausalLM.register(MoeMtpConfig, MoeMtpForCausalLM, exist_ok=True)
 
 __version__ = "0.1.0"
-__all__ = ["MoeMtpConfig", "MoeMtpModel", "MoeMtpForCausalLM", "MoeMtpPreTrainedModel"]
+__all__ = ["MoeMtpConfig", "MoeMtpModel", "MoeMtpForCausalLM", "MoeMtpPreTrainedModel", "ROUTED_EXPERT_PARAMETERS"]

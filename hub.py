@@ -199,8 +199,12 @@ def save_pretrained(model, super_save, save_directory, **kwargs):
     push_to_hub = kwargs.pop("push_to_hub", False)
     hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private") if k in kwargs}
     token = kwargs.get("token")
+    if kwargs.get("distributed_checkpoint"):
+        return _save_distributed_checkpoint(model, super_save, target, **kwargs)
     if not model.should_save_on_this_rank(kwargs.get("is_main_process", True)):
-        return super_save(save_directory, **kwargs)  # collectives only; rank 0 writes
+        super_save(save_directory, **kwargs)  # collectives only; rank 0 writes
+        _barrier_if_distributed(model)
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
     cls = type(model)
@@ -219,9 +223,36 @@ def save_pretrained(model, super_save, save_directory, **kwargs):
     finally:
         cls._auto_class = auto_class
         shutil.rmtree(staging, ignore_errors=True)
+    _barrier_if_distributed(model)  # the other ranks return once the folder is in place
     if push_to_hub:
         repo_id = hub_kwargs.pop("repo_id", target.name)
         upload_folder(target, repo_id, token=token, **hub_kwargs)
+
+
+def _barrier_if_distributed(model):
+    import torch.distributed as dist
+
+    if getattr(model.config, "distributed_config", None) is not None and dist.is_initialized():
+        dist.barrier()
+
+
+def _save_distributed_checkpoint(model, super_save, target: Path, **kwargs):
+    """`distributed_checkpoint=True`: every rank writes its own shard files straight into `target` (no staging
+    folder: the ranks share it), then rank 0 adds the remote code and the model card."""
+    import torch.distributed as dist
+
+    super_save(target, **kwargs)
+    if dist.is_initialized():
+        dist.barrier()
+    if model.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+        config_file = target / "config.json"
+        config = json.loads(config_file.read_text())
+        config["auto_map"] = dict(AUTO_MAP)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, source in remote_code_files().items():
+            (target / name).write_text(source)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def upload_folder(folder, repo_id: str, token=None, private=None, commit_message=None, create_pr=False, **kwargs):

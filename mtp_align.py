@@ -136,6 +136,7 @@ def init_new_modules(model, folder, first_new: int, how: str) -> None:
     if how == "random" or first_new >= len(model.model.mtp_layers):
         return
     from .conversion.lazy import lazy_state_dict
+    from .modeling.modeling_moe_mtp import MoeMtpExperts, fuse_expert_keys
 
     last = model.config.num_hidden_layers - 1
     prefix = f"model.layers.{last}."
@@ -147,13 +148,14 @@ def init_new_modules(model, folder, first_new: int, how: str) -> None:
     hidden = model.config.hidden_size
     for module in model.model.mtp_layers[first_new:]:
         reference = next(module.parameters())
+        if isinstance(getattr(module.mlp, "experts", None), MoeMtpExperts):
+            block = fuse_expert_keys(block)  # the folder's per-expert keys, stacked as this module holds them
         own = {k: v for k, v in block.items() if k in module.state_dict()}
         module.load_state_dict(own, strict=False)
         with torch.no_grad():
             eh = torch.zeros(hidden, 2 * hidden, dtype=reference.dtype, device=reference.device)
             eh[:, hidden:] = torch.eye(hidden)  # [embedding; hidden] -> hidden
             module.eh_proj.weight.copy_(eh)
-    model.pack_experts()  # load_state_dict replaced expert weights
 
 
 def freeze_main_model(model) -> list[torch.nn.Parameter]:
@@ -232,13 +234,15 @@ def write_model(args, mtp_state: dict, depth: int, tokenizer, output_dir: Path) 
     final, partial = output_dir / "model", output_dir / "model.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model = load_model(args, depth, dtype="auto", quantized=False)
+    from .modeling.modeling_moe_mtp import fuse_expert_keys
+
     own = model.state_dict()
+    mtp_state = fuse_expert_keys(mtp_state)  # a quantized training model holds per-expert modules
     missing = [k for k in own if k.startswith(MTP_PREFIX) and k not in mtp_state]
     if missing:
         raise RuntimeError(f"trained MTP state lacks {missing[:3]}")
     with torch.no_grad():
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in mtp_state.items()}, strict=False)
-    model.pack_experts()
     model.config.use_cache = model.generation_config.use_cache = True
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)

@@ -210,7 +210,7 @@ def transformers_models(model_dir: Path, ours: MoeMtpForCausalLM, work: Path):
     from moe_mtp.conversion import convert, convert_state_dict, transformers_config
 
     theirs = DeepseekV3ForCausalLM(transformers_config(ours.config)).eval()
-    state = convert_state_dict(ours.state_dict(), ours.config, "moe_mtp", "transformers")
+    state = convert_state_dict(ours.state_dict(), ours.config, "moe_mtp_model", "transformers")
     theirs.load_state_dict({k: v for k, v in state.items() if k in theirs.state_dict()}, strict=True)
     release = work / "deepseek_layout"
     if not release.exists():

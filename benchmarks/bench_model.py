@@ -70,7 +70,9 @@ def build_models(config=CONFIG):
     ours = MoeMtpForCausalLM(MoeMtpConfig(**config, attn_implementation="sdpa"))
     theirs = DeepseekV3ForCausalLM(transformers_config(ours.config))
     theirs.set_attn_implementation("sdpa")
-    theirs.load_state_dict(convert_state_dict(ours.state_dict(), ours.config, "moe_mtp", "transformers"), strict=True)
+    theirs.load_state_dict(
+        convert_state_dict(ours.state_dict(), ours.config, "moe_mtp_model", "transformers"), strict=True
+    )
     return ours, theirs
 
 
@@ -210,7 +212,7 @@ def deepseek_v3_rows(args):
     hidden_states = torch.randn(DSV3_BATCH, DSV3_SEQ, DSV3_CONFIG["hidden_size"], requires_grad=True)
     layers = {"moe_mtp": ours.model.layers[1].mlp, "transformers": theirs.model.layers[1].mlp, "dense": dense}
     seconds = measure(moe_layer_step, layers, hidden_states, args.repeats)
-    print(f"our expert path: {experts.last_path} (grouped = packed grouped GEMMs)\n")
+    print(f"our expert path: {experts.last_path} (grouped = grouped GEMMs on the 3-D expert parameters)\n")
     print(f"{'row':<30}{'moe_mtp tok/s':>15}{'reference tok/s':>20}{'ratio':>8}{'target':>8}")
     missed = []
     if not print_row("MoE layer vs transformers", seconds["moe_mtp"], seconds["transformers"], tokens, 1.2):

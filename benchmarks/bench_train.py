@@ -62,7 +62,7 @@ def build(config: dict):
     ours = MoeMtpForCausalLM(MoeMtpConfig(**COMMON, **config, attn_implementation="sdpa"))
     theirs = DeepseekV3ForCausalLM(transformers_config(ours.config))
     theirs.set_attn_implementation("sdpa")
-    state = convert_state_dict(ours.state_dict(), ours.config, "moe_mtp", "transformers")
+    state = convert_state_dict(ours.state_dict(), ours.config, "moe_mtp_model", "transformers")
     theirs.load_state_dict(state, strict=False)  # transformers' class has no MTP module
     return ours, theirs
 

@@ -39,6 +39,22 @@ class MoeMtpConfig(PretrainedConfig):
     model_type = "moe_mtp"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
     attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+    # Parallel plans transformers applies with `from_pretrained(..., distributed_config=DistributedConfig(...))`
+    # (docs/distributed.md). Tensor parallelism splits attention by heads (q_b/kv_b column-wise, o_proj row-wise;
+    # the rope half of kv_a_proj_with_mqa skips kv_b_proj, so its gradient is summed over ranks) and the dense and
+    # shared MLPs by width, in the main layers and the MTP modules alike. Routed experts are split whole, by expert
+    # (`base_model_ep_plan`). The router, norms, embedding and eh_proj stay replicated; lm_head, which the MTP
+    # modules share, is split by vocabulary with its output gathered (`_tp_plan` on the causal LM). The tensor
+    # parallel plan is a property: it names only modules this config builds (q_proj or q_b_proj, dense MLPs).
+    base_model_ep_plan = {
+        f"{stack}.*.mlp.experts{name}": style
+        for stack in ("layers", "mtp_layers")
+        for name, style in {
+            ".gate_up_proj": "grouped_gemm",
+            ".down_proj": "grouped_gemm",
+            "": "ep_dispatch_experts",
+        }.items()
+    }
 
     vocab_size: int = 129280
     """Number of tokens in the vocabulary."""
@@ -139,6 +155,26 @@ class MoeMtpConfig(PretrainedConfig):
     num_mtp_draft_tokens: int | None = None
     """Tokens drafted per step by `generate(..., use_mtp=True)`; `None` drafts one per MTP module. More than
     `num_nextn_predict_layers` reuses the last module for the extra drafts. `generate` also takes it as a keyword."""
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        attention = {"self_attn.q_b_proj" if self.q_lora_rank else "self_attn.q_proj": "colwise"}
+        attention.update({
+            "self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj",
+            "self_attn.kv_b_proj": "colwise",
+            "self_attn.o_proj": "rowwise",
+        })  # fmt: skip
+        if self.n_shared_experts:
+            attention.update({
+                "mlp.shared_experts.gate_proj": "colwise",
+                "mlp.shared_experts.up_proj": "colwise",
+                "mlp.shared_experts.down_proj": "rowwise",
+            })  # fmt: skip
+        plan = {f"{stack}.*.{name}": style for stack in ("layers", "mtp_layers") for name, style in attention.items()}
+        if any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers)):  # the first_k_dense_replace layers
+            plan.update({"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise"})
+            plan["layers.*.mlp.down_proj"] = "rowwise"
+        return plan
 
     def __post_init__(self, **kwargs):
         if self.rope_parameters is None and "rope_scaling" not in kwargs:

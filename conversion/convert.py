@@ -117,8 +117,12 @@ def read_config_dict(folder, mtp_from_weights: bool = True) -> dict:
     return ours
 
 
-def load_state_dict_from_folder(folder, config, dtype=None, *, allow_missing: bool = False) -> dict[str, torch.Tensor]:
+def load_state_dict_from_folder(
+    folder, config, dtype=None, *, allow_missing: bool = False, layout: str = "moe_mtp"
+) -> dict[str, torch.Tensor]:
     """All weights of a deepseek / transformers / moe_mtp folder, in moe_mtp names, checked against `config`.
+
+    `layout="moe_mtp_model"` stacks the routed experts as a model holds them, for `model.load_state_dict`.
 
     FP8 weights are dequantized (to `dtype`, else to the folder's unquantized dtype); `dtype` (a torch dtype or
     'bf16'/'fp32') casts floating tensors, except the float32 router bias. The whole state dict is in memory.
@@ -127,7 +131,7 @@ def load_state_dict_from_folder(folder, config, dtype=None, *, allow_missing: bo
     """
     _, source = open_source(folder, config=config, allow_missing=allow_missing)
     try:
-        plan = plan_outputs(source, get_layout("moe_mtp"), resolve_dtype(dtype), allow_raw=False)
+        plan = plan_outputs(source, get_layout(layout), resolve_dtype(dtype), allow_raw=False)
         return run_to_dict(plan)
     finally:
         source.store.close()

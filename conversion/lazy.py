@@ -19,6 +19,7 @@ import torch
 from .convert import open_source
 from .layouts import Output, plan_outputs, resolve_dtype
 from .rules import MOE_MTP
+from .spec import EXPERT_RE, canonical_shapes
 
 # The moe_mtp layout, but keeping what arrives as block FP8 as FP8 (weight plus `weight_scale_inv`).
 MOE_MTP_KEEP_FP8 = replace(MOE_MTP, fp8=r".+")
@@ -81,6 +82,21 @@ class LazyTensor:
         return tensor[index]
 
 
+class FreshExpertTensor:
+    """A routed expert weight missing from a folder loaded with `allow_missing`: newly initialized as the model
+    initializes experts. The model stacks each layer's experts into one parameter, so without it one missing
+    expert would leave the whole layer's experts uninitialized instead of just that one."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, std: float):
+        self.shape, self.dtype, self.std = torch.Size(shape), dtype, std
+
+    def is_floating_point(self) -> bool:
+        return True
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return torch.randn(self.shape).mul_(self.std).to(self.dtype)[index]
+
+
 class LazyStateDict(dict):
     """moe_mtp names -> LazyTensor for a folder; `close()` releases its file descriptors."""
 
@@ -114,4 +130,17 @@ def lazy_state_dict(
     except BaseException:
         source.store.close()
         raise
-    return LazyStateDict(plan.outputs, source.store, source.config, source.fp8, source.is_fp8)
+    state = LazyStateDict(plan.outputs, source.store, source.config, source.fp8, source.is_fp8)
+    if allow_missing:
+        _fill_missing_experts(state, source.config)
+    return state
+
+
+def _fill_missing_experts(state: LazyStateDict, config) -> None:
+    """Initializes the missing experts of layers that have some experts (see FreshExpertTensor)."""
+    present = {EXPERT_RE.split(key)[0] for key in state if EXPERT_RE.search(key)}
+    for key, shape in canonical_shapes(config).items():
+        if key not in state and EXPERT_RE.search(key) and EXPERT_RE.split(key)[0] in present:
+            sibling = next(v for k, v in state.items() if EXPERT_RE.split(k)[0] == EXPERT_RE.split(key)[0])
+            dtype = sibling.dtype if sibling.dtype.is_floating_point else torch.float32
+            state[key] = FreshExpertTensor(shape, dtype, getattr(config, "initializer_range", 0.02))

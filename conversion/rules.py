@@ -83,6 +83,31 @@ MOE_MTP = Layout(
     rules=(Ignore(r"lm_head\.weight", when="tied"), CATCH_ALL),
 )
 
+# What a moe_mtp model holds in memory (`model.state_dict()`): the routed experts of every MoE layer, the MTP
+# modules' included, stacked into two 3-D parameters per layer (MoeMtpExperts); on disk they are per expert.
+EXPERT = r"(?P<layer>model\.(?:layers|mtp_layers)\.\d+)\.mlp\.experts\.(?P<expert>\d+)\."
+MOE_MTP_MODEL = Layout(
+    name="moe_mtp_model",
+    rules=(
+        Ignore(r"lm_head\.weight", when="tied"),
+        Stack(EXPERT + r"(?P<part>gate|up)_proj\.weight", "{layer}.mlp.experts.gate_up_proj", parts=("gate", "up")),
+        Stack(EXPERT + r"(?P<part>down)_proj\.weight", "{layer}.mlp.experts.down_proj", parts=("down",)),
+        CATCH_ALL,
+    ),
+)
+
+# The same as the base model (`MoeMtpModel`) holds it: no `model.` prefix, no head.
+BASE_EXPERT = r"model\.(?P<layer>(?:layers|mtp_layers)\.\d+)\.mlp\.experts\.(?P<expert>\d+)\."
+MOE_MTP_MODEL_BASE = Layout(
+    name="moe_mtp_model_base",
+    rules=(
+        Omit(r"lm_head\.weight"),
+        Stack(BASE_EXPERT + r"(?P<part>gate|up)_proj\.weight", "{layer}.mlp.experts.gate_up_proj", ("gate", "up")),
+        Stack(BASE_EXPERT + r"(?P<part>down)_proj\.weight", "{layer}.mlp.experts.down_proj", ("down",)),
+        Rename(r"model\.(.+)", r"\1"),
+    ),
+)
+
 # What the base model (`MoeMtpModel`) saves: the same names without the `model.` prefix, and no head.
 MOE_MTP_BASE = Layout(
     name="moe_mtp_base",
@@ -128,7 +153,10 @@ TRANSFORMERS = Layout(
     ),
 )
 
-LAYOUTS = {layout.name: layout for layout in (MOE_MTP, MOE_MTP_BASE, DEEPSEEK, TRANSFORMERS)}
+LAYOUTS = {
+    layout.name: layout
+    for layout in (MOE_MTP, MOE_MTP_MODEL, MOE_MTP_MODEL_BASE, MOE_MTP_BASE, DEEPSEEK, TRANSFORMERS)
+}
 
 
 def _instantiate(rule, k: int, mtp_layer: int):

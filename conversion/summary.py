@@ -14,12 +14,16 @@ LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def detect_layout(keys, family: str) -> str:
-    """'transformers' if experts are stacked, 'moe_mtp' for our names ('moe_mtp_base' as the base model saves
-    them, without the `model.` prefix), else 'deepseek' (the released layout)."""
+    """'transformers' if experts are stacked ('moe_mtp_model' for a moe_mtp folder: a model's own state dict, as
+    `save_pretrained(save_original_format=False)` writes it), 'moe_mtp' for our names ('moe_mtp_base' as the base
+    model saves them, without the `model.` prefix), else 'deepseek' (the released layout)."""
     keys = list(keys)
+    base = family == "moe_mtp" and "embed_tokens.weight" in keys and not any(k.startswith("model.") for k in keys)
     if any(k.endswith(".mlp.experts.gate_up_proj") or k.endswith(".mlp.experts.down_proj") for k in keys):
+        if family == "moe_mtp":
+            return "moe_mtp_model_base" if base else "moe_mtp_model"
         return "transformers"
-    if family == "moe_mtp" and "embed_tokens.weight" in keys and not any(k.startswith("model.") for k in keys):
+    if base:
         return "moe_mtp_base"
     if family == "moe_mtp" or any(k.startswith("model.mtp_layers.") for k in keys):
         return "moe_mtp"

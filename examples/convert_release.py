@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe_mtp import MoeMtpConfig, MoeMtpForCausalLM
-from moe_mtp.conversion import convert, deepseek_config_dict, inspect, quantize_block_fp8
+from moe_mtp.conversion import convert, convert_state_dict, deepseek_config_dict, inspect, quantize_block_fp8
 from moe_mtp.conversion.summary import format_inspect
 
 # What the release stores in FP8: the attention and MLP projections of every decoder layer (MTP's included).
@@ -43,7 +43,7 @@ def write_tiny_release(folder: Path) -> Path:
         v_head_dim=16, num_nextn_predict_layers=1,
     )  # fmt: skip
     torch.manual_seed(0)
-    ours = MoeMtpForCausalLM(config).state_dict()
+    ours = convert_state_dict(MoeMtpForCausalLM(config).state_dict(), config, "moe_mtp_model", "moe_mtp")
     n = config.num_hidden_layers
     tensors = {}
     for name, tensor in ours.items():

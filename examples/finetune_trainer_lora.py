@@ -26,7 +26,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
-from moe_mtp import MoeMtpForCausalLM
+from moe_mtp import ROUTED_EXPERT_PARAMETERS, MoeMtpForCausalLM
 from moe_mtp.training import MoeMtpCallback
 
 DATA = Path(__file__).resolve().parent / "data" / "instructions.jsonl"
@@ -105,7 +105,11 @@ def main(argv=None) -> dict:
     model_dir = base_model(args)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = MoeMtpForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS))
+    # The routed experts are 3-D parameters (gate_up_proj, down_proj): PEFT reaches them through target_parameters.
+    lora = LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, target_parameters=ROUTED_EXPERT_PARAMETERS
+    )
+    model = get_peft_model(model, lora)
     model.print_trainable_parameters()
 
     pairs = load_pairs(args.data, tokenizer).train_test_split(test_size=args.eval_pairs, seed=0)

@@ -1,3 +1,3 @@
-from .modeling_moe_mtp import MoeMtpForCausalLM, MoeMtpModel, MoeMtpPreTrainedModel
+from .modeling_moe_mtp import ROUTED_EXPERT_PARAMETERS, MoeMtpForCausalLM, MoeMtpModel, MoeMtpPreTrainedModel
 
-__all__ = ["MoeMtpForCausalLM", "MoeMtpModel", "MoeMtpPreTrainedModel"]
+__all__ = ["MoeMtpForCausalLM", "MoeMtpModel", "MoeMtpPreTrainedModel", "ROUTED_EXPERT_PARAMETERS"]

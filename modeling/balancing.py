@@ -132,11 +132,23 @@ def update_balancing_bias(model: nn.Module, gamma: float | None = None, *, manua
     if gamma is None:
         gamma = owner.config.bias_update_speed
     device = routers[0][1].e_score_correction_bias.device  # where the collective backend wants it (NCCL: CUDA)
-    load = torch.stack([router.tokens_per_expert.to(device=device, dtype=torch.float64) for _, router in routers])
+    # A router that has not run a training forward since loading (a model restored from a sharded checkpoint is built
+    # on the meta device) has no counts yet: zeros, which every rank still all-reduces.
+    load = torch.stack([
+        torch.zeros(router.num_experts, dtype=torch.float64, device=device) if router.tokens_per_expert.is_meta
+        else router.tokens_per_expert.to(device=device, dtype=torch.float64)
+        for _, router in routers
+    ])  # fmt: skip
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(load)
+        # Ranks of one tensor-parallel group route the same batch (expert parallelism within it included): count it
+        # once. DDP and FSDP ranks each see their own data, and sum.
+        load /= max(getattr(getattr(owner.config, "distributed_config", None), "tp_size", 1) or 1, 1)
     for _, router in routers:
-        router.tokens_per_expert.zero_()
+        if router.tokens_per_expert.is_meta:
+            router.tokens_per_expert = torch.zeros(router.num_experts, dtype=torch.long, device=device)
+        else:
+            router.tokens_per_expert.zero_()
     if load.sum() == 0:
         return {}  # nothing was routed in training mode since the last update
     mean = load.mean(dim=-1, keepdim=True)

@@ -8,8 +8,9 @@ the main stack loads them unchanged; the MTP modules live at `model.mtp_layers.{
 import importlib
 import math
 import os
+import re
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -36,6 +39,11 @@ from .balancing import track, update_balancing_bias
 from .speculative import MTP_GENERATE_KWARGS
 
 logger = logging.get_logger(__name__)
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support: no tensor parallelism either
+    DTensor = ()
 
 
 class MoeMtpRMSNorm(nn.Module):
@@ -201,7 +209,8 @@ class MoeMtpAttention(nn.Module):
             query = self.q_proj(hidden_states)
         else:
             query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-        query = query.view(batch_size, q_len, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        # -1 heads: tensor parallelism leaves each rank a slice of them (q_b_proj, kv_b_proj column-wise).
+        query = query.view(batch_size, q_len, -1, self.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
         latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
@@ -218,7 +227,7 @@ class MoeMtpAttention(nn.Module):
             attn_output, attn_weights = self._expanded_attention(
                 q_nope, q_rope, latent, k_rope, attention_mask, **kwargs
             )
-        attn_output = attn_output.reshape(batch_size, q_len, self.num_heads * self.v_head_dim)
+        attn_output = attn_output.reshape(batch_size, q_len, -1)
         return self.o_proj(attn_output), attn_weights
 
     def _use_absorbed(self, q_len: int, kv_len: int, mla_decode: str | None, kwargs: dict) -> bool:
@@ -239,9 +248,10 @@ class MoeMtpAttention(nn.Module):
 
     def _expanded_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs):
         batch_size, _, kv_len, _ = latent.shape
-        kv = self.kv_b_proj(latent.squeeze(1)).view(batch_size, kv_len, self.num_heads, -1).transpose(1, 2)
+        nope_v = self.qk_nope_head_dim + self.v_head_dim
+        kv = self.kv_b_proj(latent.squeeze(1)).view(batch_size, kv_len, -1, nope_v).transpose(1, 2)
         k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        key = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        key = torch.cat((k_nope, k_rope.expand(-1, kv.shape[1], -1, -1)), dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)
         implementation = self.config._attn_implementation
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
@@ -267,7 +277,10 @@ class MoeMtpAttention(nn.Module):
         Heads are folded into the query length so every matmul is a plain bmm with no broadcast copies.
         """
         batch_size, num_heads, q_len, _ = q_nope.shape
-        weight = self.kv_b_proj.weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        weight = self.kv_b_proj.weight
+        if isinstance(weight, DTensor):  # tensor parallel: this rank's heads (rows), as q_nope holds
+            weight = weight.to_local()
+        weight = weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_key, w_value = weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(num_heads, batch_size * q_len, -1), w_key)
         q_latent = (
@@ -414,32 +427,36 @@ def grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, offsets: torch.Tensor) 
 
 
 class GroupedExpertLinear(torch.autograd.Function):
-    """Rows of expert e times `packed[e].T`, for all experts in one grouped GEMM, forward and backward.
+    """Rows of expert e times `weight[e].T`, for all experts in one grouped GEMM, forward and backward.
 
-    `packed` is (experts, out, in) and holds the experts' own `nn.Linear` weights, `parts` of them stacked along
-    `out` per expert (gate and up share one GEMM). Those weights are passed too, so the weight gradient reaches each
-    expert's parameter as its own `.grad`: optimizers, DDP and gradient clipping see ordinary per-expert parameters.
-    Experts without rows get zero gradients. `offsets` (int32, on the device) ends each expert's rows.
+    `weight` is a 3-D (experts, out, in) parameter; its gradient is one grouped GEMM too (zeros for experts without
+    rows). `offsets` (int32, on the device) ends each expert's rows. Rows past the last offset (expert-parallel
+    routes to another rank's experts) belong to no group: their outputs and gradients are zeroed, not left undefined.
     """
 
     @staticmethod
-    def forward(ctx, rows, offsets, packed, parts, *expert_weights):
-        ctx.save_for_backward(rows, offsets, packed)
-        ctx.parts = parts
-        return grouped_mm(rows, packed.transpose(-2, -1), offsets)
+    def forward(ctx, rows, offsets, weight, has_stray_rows):
+        ctx.save_for_backward(rows, offsets, weight)
+        ctx.has_stray_rows = has_stray_rows
+        return _zero_stray_rows(grouped_mm(rows, weight.transpose(-2, -1), offsets), offsets, has_stray_rows)
 
     @staticmethod
     def backward(ctx, grad_output):
-        rows, offsets, packed = ctx.saved_tensors
+        rows, offsets, weight = ctx.saved_tensors
         grad_output = grad_output.contiguous()
-        grad_rows = grouped_mm(grad_output, packed, offsets) if ctx.needs_input_grad[0] else None
-        grad_weights = [None] * (len(ctx.needs_input_grad) - 4)
-        if any(ctx.needs_input_grad[4:]):
-            grad_packed = grouped_mm(grad_output.t(), rows, offsets)  # (experts, out, in)
-            num_experts, out_features, in_features = grad_packed.shape
-            per_part = grad_packed.view(num_experts, ctx.parts, out_features // ctx.parts, in_features)
-            grad_weights = [g for part in range(ctx.parts) for g in per_part[:, part].unbind(0)]
-        return grad_rows, None, None, None, *grad_weights
+        grad_rows = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = _zero_stray_rows(grouped_mm(grad_output, weight, offsets), offsets, ctx.has_stray_rows)
+        if ctx.needs_input_grad[2]:
+            grad_weight = grouped_mm(grad_output.t(), rows, offsets)  # (experts, out, in)
+        return grad_rows, None, grad_weight, None
+
+
+def _zero_stray_rows(rows: torch.Tensor, offsets: torch.Tensor, has_stray_rows: bool) -> torch.Tensor:
+    if not has_stray_rows:
+        return rows
+    inside = torch.arange(rows.shape[0], device=rows.device) < offsets[-1]
+    return torch.where(inside.unsqueeze(-1), rows, rows.new_zeros(()))
 
 
 class SlotsOfTokens(torch.autograd.Function):
@@ -465,129 +482,216 @@ class SlotsOfTokens(torch.autograd.Function):
         return rows.index_select(0, slot_position).view(-1, top_k, rows.shape[-1]).sum(dim=1)
 
 
-def _repack_after_load(module: "MoeMtpExperts", incompatible_keys):
-    module.pack()
+def sort_slots(top_k_index: torch.Tensor, num_experts: int):
+    """The `tokens x top_k` slots sorted by expert: the order, each slot's position in it, and the int32 end offset of
+    each of the `num_experts` groups, all on the device (a fixed-size scatter_add count rather than bincount, so no
+    host sync and no graph break under torch.compile). Ids >= num_experts (expert parallelism's routes to another
+    rank) sort last, outside every group."""
+    expert_of_slot = top_k_index.flatten()
+    order = expert_of_slot.argsort(stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=top_k_index.device)
+    counts.scatter_add_(0, expert_of_slot.clamp(max=num_experts), torch.ones_like(expert_of_slot))
+    offsets = counts[:num_experts].cumsum(0).to(torch.int32)
+    slot_position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, slot_position, offsets
 
 
-class MoeMtpExperts(nn.ModuleList):
-    """The routed experts: one `MoeMtpMLP` per expert, so keys match the release and bitsandbytes and PEFT see plain
-    `nn.Linear` layers. Their weights are views into one (experts, 2 * width, hidden) gate/up buffer and one
-    (experts, hidden, width) down buffer, which the grouped GEMM reads directly.
+class MoeMtpExperts(nn.Module):
+    """The routed experts as two 3-D parameters, as transformers' MoE models hold them: `gate_up_proj` (experts,
+    2 * width, hidden), each expert's gate rows then its up rows, and `down_proj` (experts, hidden, width). Expert
+    parallelism shards dim 0 of both (`base_model_ep_plan`), FSDP2 shards them like any parameter, and the grouped
+    GEMMs read them directly. On disk every expert keeps its released keys (`experts.{e}.gate_proj.weight`, ...):
+    the conversion mapping registered below stacks them at load and splits them at save.
 
-    `pack()` rebuilds the buffers after `.to()`/`.cuda()`/`.half()`, `load_state_dict`, `from_pretrained`, deepcopy
-    and unpickling, and on `model.pack_experts()`. If expert weights were replaced some other way, the grouped path stacks them for each
-    forward (correct, one copy) and logs how to repack. `last_path` records the path of the last forward: "grouped"
-    (packed), "grouped_stacked", or "per_expert" (bitsandbytes, PEFT, or no grouped kernel for the device).
+    `forward(hidden_states, top_k_index, top_k_weights)` is transformers' experts interface, so its expert-parallel
+    dispatch can replace it. `last_path` records the path of the last forward: "grouped" (two grouped GEMMs),
+    "sliced" (decode-sized CPU steps without autograd, one slot at a time) or "per_expert" (one GEMM per active
+    expert, where the device has no grouped kernel).
     """
 
     holds_no_routers = True  # the balancing code's router search skips these modules
 
     def __init__(self, config: MoeMtpConfig):
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+        self._is_expert_parallel = False  # set by transformers' expert-parallel plan, which sets num_experts too
+        self.is_transposed = True  # (experts, out, in), as nn.Linear: PEFT's target_parameters reads this
+        self.use_grouped_mm = True  # False runs one GEMM per expert (the reference the grouped path is tested on)
+        self.last_path: str | None = None
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Each token's sum over its `top_k` experts of weight * expert(token); ids >= `num_experts` contribute 0."""
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if self.use_grouped_mm and grouped_mm_available(gate_up.device) and gate_up.is_floating_point():
+            if (
+                gate_up.device.type == "cpu"
+                and not torch.is_grad_enabled()
+                and not self._is_expert_parallel
+                and not isinstance(gate_up, DTensor)
+                and top_k_index.numel() * 4 <= self.num_experts
+            ):
+                self.last_path = "sliced"
+                return self.sliced(hidden_states, top_k_index, top_k_weights, gate_up, down)
+            self.last_path = "grouped"
+            return self.grouped(hidden_states, top_k_index, top_k_weights, gate_up, down)
+        self.last_path = "per_expert"
+        weights = [(gate_up[e], down[e]) for e in range(self.num_experts)]
+        return per_expert_forward(self, hidden_states, top_k_index, top_k_weights, weights)
+
+    def sliced(self, tokens, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+        """Decode-sized CPU steps without autograd (at most a quarter as many slots as experts): each slot runs two
+        GEMVs on its expert's slices. CPU's grouped GEMM visits every expert, most of them without a row, and
+        gathering the experts' weights for a batched matmul copies them; both measured slower (`bench_model.py`'s
+        sweep; the loop's cost grows with the slots, and at 256 experts it passes the grouped GEMM's between 32 and
+        128 slots). On CUDA the loop would need the expert ids on the host, a sync per layer."""
+        top_k = top_k_index.shape[1]
+        dtype = gate_up.dtype
+        rows, weights = tokens.to(dtype), top_k_weights.to(dtype)
+        output = torch.zeros_like(rows)
+        for slot, expert in enumerate(top_k_index.flatten().tolist()):
+            token = slot // top_k
+            gate, up = F.linear(rows[token], gate_up[expert]).chunk(2)
+            output[token] += F.linear(self.act_fn(gate) * up * weights[token, slot % top_k], down[expert])
+        return output.to(tokens.dtype)
+
+    def grouped(self, tokens, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+        """Slots sorted by expert, gate/up as one grouped GEMM and down as another. Offsets stay on the device."""
+        top_k = top_k_index.shape[1]
+        order, slot_position, offsets = sort_slots(top_k_index, self.num_experts)
+        stray = self._is_expert_parallel  # only expert parallelism routes to ids this module does not hold
+        dtype = gate_up.dtype
+        sorted_tokens = SlotsOfTokens.apply(tokens.to(dtype), order, slot_position, top_k, True)
+        gate, up = GroupedExpertLinear.apply(sorted_tokens, offsets, gate_up, stray).chunk(2, dim=-1)
+        # The gate weight scales the narrow intermediate rather than the hidden-size output: same product, less work.
+        slot_weights = top_k_weights.flatten().index_select(0, order).unsqueeze(-1).to(dtype)
+        intermediate = self.act_fn(gate) * up * slot_weights
+        outputs = GroupedExpertLinear.apply(intermediate, offsets, down, stray)
+        return SlotsOfTokens.apply(outputs, order, slot_position, top_k, False).to(tokens.dtype)
+
+
+class MoeMtpExpertList(nn.ModuleList):
+    """The routed experts as one `MoeMtpMLP` per expert, built instead of `MoeMtpExperts` when the model is
+    created with a `quantization_config` (bitsandbytes, `dtype="fp8"`): the quantizers replace `nn.Linear` modules,
+    so every routed expert gets quantized, and PEFT's `target_modules` reach each expert. Same keys as on disk, same
+    forward interface; one GEMM per active expert (`last_path` "per_expert")."""
+
+    holds_no_routers = True
+
+    def __init__(self, config: MoeMtpConfig):
         super().__init__(
             MoeMtpMLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(config.n_routed_experts)
         )
-        self.packed: dict[str, torch.Tensor] | None = None
-        self.packed_pointers: list[int] = []
+        self.num_experts = config.n_routed_experts
         self.last_path: str | None = None
-        self.register_load_state_dict_post_hook(_repack_after_load)
-        self.pack()
 
-    def linears(self) -> dict[str, list[nn.Module]]:
-        """Per packed buffer, its linears in buffer order: all gates then all ups, and all downs."""
-        # Plain dict lookups: this runs every forward over hundreds of experts.
-        children = [expert._modules for expert in self._modules.values()]
-        return {
-            "gate_up": [c["gate_proj"] for c in children] + [c["up_proj"] for c in children],
-            "down": [c["down_proj"] for c in children],
-        }
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        self.last_path = "per_expert"
+        return per_expert_forward(self, hidden_states, top_k_index, top_k_weights, list(self))
 
-    def packable(self) -> bool:
-        """Plain, materialized floating-point `nn.Linear` experts of one dtype and device, with a grouped kernel."""
-        linears = [linear for group in self.linears().values() for linear in group]
-        if any(type(linear) is not nn.Linear or linear.bias is not None for linear in linears):
-            return False
-        first = linears[0].weight
-        return (
-            first.is_floating_point()
-            and first.device.type != "meta"
-            and all(linear.weight.dtype == first.dtype and linear.weight.device == first.device for linear in linears)
-            and grouped_mm_available(first.device)
-        )
 
-    def is_packed(self, linears: dict[str, list[nn.Module]] | None = None) -> bool:
-        """Whether every expert is still a plain `nn.Linear` whose weight is the view `pack()` made (pointer checks)."""
-        if self.packed is None:
-            return False
-        pointers = [
-            linear._parameters["weight"].data_ptr() if type(linear) is nn.Linear else -1
-            for group in (linears or self.linears()).values()
-            for linear in group
-        ]
-        return pointers == self.packed_pointers
+def per_expert_forward(experts, tokens, top_k_index, top_k_weights, weights) -> torch.Tensor:
+    """One GEMM per active expert. `weights[e]` is expert e's module, or its (gate_up, down) weight matrices."""
+    num_tokens, top_k = top_k_index.shape
+    order, slot_position, _ = sort_slots(top_k_index, experts.num_experts)
+    counts = torch.bincount(top_k_index.flatten().clamp(max=experts.num_experts), minlength=experts.num_experts + 1)
+    # index_select rather than advanced indexing: its backward is a fast index_add, not an accumulating index_put.
+    sorted_tokens = tokens.index_select(0, order // top_k)
+    outputs = []
+    for expert, chunk in enumerate(sorted_tokens.split(counts.tolist())):
+        if expert == experts.num_experts:  # routes to another rank's experts (expert parallelism)
+            outputs.append(chunk.new_zeros(chunk.shape[0], tokens.shape[-1]))
+        elif chunk.shape[0]:
+            held = weights[expert]
+            if isinstance(held, nn.Module):
+                outputs.append(held(chunk))
+            else:
+                gate_up, down = held
+                chunk = chunk.to(gate_up.dtype)
+                gate, up = (F.linear(chunk, w) for w in gate_up.chunk(2))  # as two nn.Linear layers would
+                outputs.append(F.linear(experts.act_fn(gate) * up, down).to(tokens.dtype))
+    slot_weights = top_k_weights.flatten().index_select(0, order).unsqueeze(-1).to(tokens.dtype)
+    weighted = torch.cat(outputs) * slot_weights
+    # Back to slot order, then each token sums its top_k slots: deterministic, unlike index_add.
+    return weighted.index_select(0, slot_position).view(num_tokens, top_k, -1).sum(dim=1)
 
-    @torch.no_grad()
-    def pack(self) -> bool:
-        """Copies the expert weights into one buffer per projection and makes each weight a view into it. Returns
-        whether the experts are packed: bitsandbytes, PEFT or meta weights stay unpacked (per-expert path)."""
-        if self.is_packed():
-            return True
-        self.packed, self.packed_pointers = None, []
-        if not self.packable():
-            return False
-        packed, pointers = {}, []
-        for name, linears in self.linears().items():
-            num_experts, parts = len(self), len(linears) // len(self)
-            first = linears[0].weight
-            buffer = first.new_empty(num_experts, parts * first.shape[0], first.shape[1])
-            slots = buffer.view(num_experts, parts, *first.shape)
-            for position, linear in enumerate(linears):
-                part, expert = divmod(position, num_experts)
-                slots[expert, part].copy_(linear.weight)
-                linear.weight.data = slots[expert, part]
-                pointers.append(linear.weight.data_ptr())
-            packed[name] = buffer
-        self.packed, self.packed_pointers = packed, pointers
-        return True
 
-    def __setstate__(self, state):
-        # Unpickling and deepcopy clone each weight on its own.
-        super().__setstate__(state)
-        self.pack()
+# PEFT LoRA on every routed expert: `LoraConfig(target_parameters=ROUTED_EXPERT_PARAMETERS, ...)` (target_modules
+# names reach only per-expert modules, i.e. quantized loads).
+ROUTED_EXPERT_PARAMETERS = ["gate_up_proj", "down_proj"]
 
-    def _apply(self, fn, recurse=True):
-        # `.to(dtype)`, `.cuda()` and friends give each weight a new tensor of its own: pack them again.
-        result = super()._apply(fn, recurse)
-        self.pack()
-        return result
+# On disk (every folder moe_mtp writes or reads, like the release) each routed expert has its own keys; in memory
+# they are stacked into MoeMtpExperts' two 3-D parameters. transformers' loader applies this mapping while it reads
+# (sharding the stacked result under tensor/expert parallelism) and `save_pretrained` reverses it.
+EXPERT_CHECKPOINT_MAPPING = [
+    WeightConverter(
+        source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+        target_patterns="mlp.experts.gate_up_proj",
+        operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
+    ),
+    WeightConverter(
+        source_patterns="mlp.experts.*.down_proj.weight",
+        target_patterns="mlp.experts.down_proj",
+        operations=[MergeModulelist(dim=0)],
+    ),
+]
+# Registered by class name rather than model type: PEFT (0.19) rewrites LoRA adapter state dicts for any model type
+# with a mapping while loading them, which fails on transformers 5.24; our adapters are stored as the model holds
+# them and need no rewriting. overwrite: this file also runs as Hub remote code, beside an installed moe_mtp.
+MAPPED_CLASSES = ("MoeMtpForCausalLM", "MoeMtpModel")
+for _name in MAPPED_CLASSES:
+    register_checkpoint_conversion_mapping(_name, EXPERT_CHECKPOINT_MAPPING, overwrite=True)
 
-    def grouped_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]] | None:
-        """The (experts, out, in) buffers the grouped GEMMs read and the per-expert weights they stand for, or None
-        when the experts must run one by one. Records the path in `last_path`."""
-        linears = self.linears()
-        # Pointer checks cannot be traced; under torch.compile the hooks listed above keep the packing current.
-        if self.packed is not None and (torch.compiler.is_compiling() or self.is_packed(linears)):
-            packed = self.packed
-        elif self.packable():
-            packed = None
-            logger.warning_once(
-                "moe_mtp: the expert weights are not packed (they were replaced after loading), so every forward "
-                "stacks them (one copy). Call `model.pack_experts()` to pack them again."
-            )
+
+PER_EXPERT_KEY = re.compile(r"(?P<experts>(?:.+\.)?experts)\.(?P<expert>\d+)\.(?P<part>gate|up|down)_proj\.weight")
+
+
+def fuse_expert_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with per-expert keys (as on disk, or from MoeMtpExpertList) in MoeMtpExperts' stacked form, for
+    `load_state_dict` into a model with 3-D experts. Other keys pass through."""
+    out, experts = {}, {}
+    for key, value in state.items():
+        m = PER_EXPERT_KEY.fullmatch(key)
+        if m is None:
+            out[key] = value
         else:
-            self.last_path = "per_expert"
-            return None
-        weights = {name: [linear._parameters["weight"] for linear in group] for name, group in linears.items()}
-        if packed is None:
-            self.last_path = "grouped_stacked"
-            with torch.no_grad():
-                gates, ups = weights["gate_up"][: len(self)], weights["gate_up"][len(self) :]
-                packed = {
-                    "gate_up": torch.cat((torch.stack(gates), torch.stack(ups)), dim=1),
-                    "down": torch.stack(weights["down"]),
-                }
-        else:
-            self.last_path = "grouped"
-        return packed, weights
+            experts.setdefault(m["experts"], {})[(m["part"], int(m["expert"]))] = value
+    for prefix, parts in experts.items():
+        count = 1 + max(e for _, e in parts)
+        try:
+            gate_up = [torch.cat((parts[("gate", e)], parts[("up", e)])) for e in range(count)]
+            down = [parts[("down", e)] for e in range(count)]
+        except KeyError as missing:
+            raise KeyError(f"{prefix}: expert tensor {missing} is missing, so its experts cannot be stacked") from None
+        out[f"{prefix}.gate_up_proj"], out[f"{prefix}.down_proj"] = torch.stack(gate_up), torch.stack(down)
+    return out
+
+
+@contextmanager
+def expert_checkpoint_mapping(per_expert_model: bool):
+    """Leaves the expert mapping out of a load whose model holds per-expert modules (MoeMtpExpertList), whose
+    parameters already carry the on-disk keys. transformers looks mappings up by class, not by instance."""
+    if not per_expert_model:
+        yield
+        return
+    import transformers.conversion_mapping as mappings
+
+    get_checkpoint_conversion_mapping(MAPPED_CLASSES[0])  # builds the table if nothing has yet
+    table = mappings._checkpoint_conversion_mapping_cache
+    held = {name: table.get(name) for name in MAPPED_CLASSES}
+    table.update(dict.fromkeys(MAPPED_CLASSES, []))
+    try:
+        yield
+    finally:
+        table.update(held)
 
 
 class MoeMtpMoE(nn.Module):
@@ -596,8 +700,9 @@ class MoeMtpMoE(nn.Module):
     def __init__(self, config: MoeMtpConfig):
         super().__init__()
         self.gate = MoeMtpTopkRouter(config)
-        # One module per expert: bitsandbytes and PEFT see plain nn.Linear layers, and keys match the release.
-        self.experts = MoeMtpExperts(config)
+        # Per-expert modules only when a quantizer will replace nn.Linear layers (see MoeMtpExpertList).
+        quantized = getattr(config, "quantization_config", None) is not None
+        self.experts = MoeMtpExpertList(config) if quantized else MoeMtpExperts(config)
         self.shared_experts = None
         if config.n_shared_experts:
             self.shared_experts = MoeMtpMLP(
@@ -608,80 +713,10 @@ class MoeMtpMoE(nn.Module):
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         _, topk_weights, topk_indices = self.gate(flat, token_mask)
-        routed = self.dispatch(flat, topk_indices, topk_weights).view(shape)
+        routed = self.experts(flat, topk_indices, topk_weights).view(shape)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(hidden_states)
         return routed
-
-    def dispatch(self, tokens: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """Runs the routed experts: two grouped GEMMs for plain full-precision experts, else one GEMM per expert."""
-        grouped = self.experts.grouped_weights()
-        if grouped is None:
-            return self.per_expert_dispatch(tokens, topk_indices, topk_weights)
-        if (
-            tokens.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and topk_indices.numel() * 4 <= len(self.experts)
-        ):
-            return self.sliced_dispatch(tokens, topk_indices, topk_weights, grouped[0])
-        return self.grouped_dispatch(tokens, topk_indices, topk_weights, *grouped)
-
-    def sliced_dispatch(self, tokens, topk_indices, topk_weights, packed) -> torch.Tensor:
-        """Decode-sized CPU steps without autograd (at most a quarter as many slots as experts): each slot runs two
-        GEMVs on its expert's slices of the packed buffers. CPU's grouped GEMM visits every expert, most of them
-        without a row, and gathering the experts' weights for a batched matmul copies them; both measured slower
-        (`bench_model.py`'s sweep; the loop's cost grows with the slots, and at 256 experts it passes the grouped
-        GEMM's between 32 and 128 slots). On CUDA the loop would need the expert ids on the host, a sync per layer."""
-        self.experts.last_path = "sliced"
-        num_tokens, top_k = topk_indices.shape
-        dtype = packed["gate_up"].dtype
-        act_fn = self.experts[0].act_fn
-        rows = tokens.to(dtype)
-        weights = topk_weights.to(dtype)
-        output = torch.zeros_like(rows)
-        for slot, expert in enumerate(topk_indices.flatten().tolist()):
-            token = slot // top_k
-            gate, up = F.linear(rows[token], packed["gate_up"][expert]).chunk(2)
-            output[token] += F.linear(act_fn(gate) * up * weights[token, slot % top_k], packed["down"][expert])
-        return output.to(tokens.dtype)
-
-    def grouped_dispatch(self, tokens, topk_indices, topk_weights, packed, weights) -> torch.Tensor:
-        """Slots sorted by expert, gate/up as one grouped GEMM and down as another. Offsets stay on the device."""
-        top_k = topk_indices.shape[1]
-        expert_of_slot = topk_indices.flatten()
-        order = expert_of_slot.argsort(stable=True)
-        # scatter_add rather than bincount: a fixed output size, so no host sync and no graph break under compile.
-        counts = torch.zeros(len(self.experts), dtype=torch.int64, device=tokens.device)
-        offsets = counts.scatter_add_(0, expert_of_slot, torch.ones_like(expert_of_slot)).cumsum(0).to(torch.int32)
-        slot_position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        dtype = packed["gate_up"].dtype
-        sorted_tokens = SlotsOfTokens.apply(tokens.to(dtype), order, slot_position, top_k, True)
-        gate, up = GroupedExpertLinear.apply(sorted_tokens, offsets, packed["gate_up"], 2, *weights["gate_up"]).chunk(
-            2, dim=-1
-        )
-        # The gate weight scales the narrow intermediate rather than the hidden-size output: same product, less work.
-        slot_weights = topk_weights.flatten().index_select(0, order).unsqueeze(-1).to(dtype)
-        intermediate = self.experts[0].act_fn(gate) * up * slot_weights
-        outputs = GroupedExpertLinear.apply(intermediate, offsets, packed["down"], 1, *weights["down"])
-        return SlotsOfTokens.apply(outputs, order, slot_position, top_k, False).to(tokens.dtype)
-
-    def per_expert_dispatch(self, tokens, topk_indices, topk_weights) -> torch.Tensor:
-        """One GEMM per active expert through its own modules (bitsandbytes layers, PEFT wrappers)."""
-        self.experts.last_path = "per_expert"
-        num_tokens, top_k = topk_indices.shape
-        expert_of_slot = topk_indices.flatten()
-        order = expert_of_slot.argsort(stable=True)  # slots grouped by expert
-        counts = torch.bincount(expert_of_slot, minlength=len(self.experts)).tolist()
-        # index_select rather than advanced indexing: its backward is a fast index_add, not an accumulating index_put.
-        sorted_tokens = tokens.index_select(0, order // top_k)
-        outputs = [
-            self.experts[expert](chunk) for expert, chunk in enumerate(sorted_tokens.split(counts)) if counts[expert]
-        ]
-        weights = topk_weights.flatten().index_select(0, order).unsqueeze(-1).to(tokens.dtype)
-        weighted = torch.cat(outputs) * weights
-        # Back to slot order, then each token sums its top_k slots: deterministic, unlike index_add.
-        slot_position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return weighted.index_select(0, slot_position).view(num_tokens, top_k, -1).sum(dim=1)
 
 
 class MoeMtpBlock(GradientCheckpointingLayer):
@@ -798,6 +833,9 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             init.zeros_(module.e_score_correction_bias)
             module.tokens_per_expert = torch.zeros(module.num_experts, dtype=torch.long)
+        elif isinstance(module, MoeMtpExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)
 
     def get_memory_footprint(self, return_buffers: bool = True) -> int:
         """Bytes held by the model, counting the quantization state bitsandbytes keeps outside the parameters and
@@ -825,7 +863,10 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
         try:
             quantization = _package_module("quantization")
         except ImportError:  # running as remote code, without moe_mtp: transformers' own loading
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            with expert_checkpoint_mapping(
+                _builds_expert_list(kwargs, _saved_config(pretrained_model_name_or_path, kwargs))
+            ):
+                return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         allow_missing = kwargs.pop("allow_missing_weights", False)
         family = _checked_local_family(pretrained_model_name_or_path, allow_missing, kwargs)
         saved = _saved_config(pretrained_model_name_or_path, kwargs)
@@ -842,20 +883,14 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
             )
             model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info)
         else:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            with expert_checkpoint_mapping(_builds_expert_list(kwargs, saved)):
+                loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
             model = loaded[0] if kwargs.get("output_loading_info") else loaded
             saved_depth = (saved or {}).get("num_nextn_predict_layers")
             if isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
                 _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
         quantization.after_bnb_load(model)
-        model.pack_experts()  # loading gave every expert weight a tensor of its own
         return loaded
-
-    def pack_experts(self) -> int:
-        """Packs the routed experts' weights into one buffer per projection so that the grouped GEMM path runs.
-        Loading, `.to()` and `load_state_dict` do this already; call it after replacing expert weights by hand.
-        Returns how many MoE layers are packed (bitsandbytes-quantized or PEFT-wrapped experts are not)."""
-        return sum(module.pack() for module in self.modules() if isinstance(module, MoeMtpExperts))
 
     @classmethod
     def _from_folder_lazily(
@@ -907,7 +942,8 @@ class MoeMtpPreTrainedModel(PreTrainedModel):
                 kwargs["quantization_config"] = quantization.BlockFp8Config(
                     fmt.block, fmt.scale_fmt, quantization.fp8_modules(state_dict)
                 )
-            loaded = super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
+            with expert_checkpoint_mapping(_builds_expert_list(kwargs, None, config)):
+                loaded = super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
         finally:
             state_dict.close()
         model = loaded[0] if kwargs.get("output_loading_info") else loaded
@@ -960,6 +996,12 @@ def _checked_local_family(path, allow_missing: bool, kwargs: dict) -> str | None
         conversion = _package_module("conversion")
     except ImportError:  # running as remote code, without moe_mtp: transformers' own loading
         return None
+    from transformers.distributed.checkpoint import is_sharded_checkpoint
+
+    if is_sharded_checkpoint(folder):
+        # Rank-local files of `save_pretrained(..., distributed_checkpoint=True)`: the model's own names, one file
+        # per rank, which transformers loads strictly under a distributed_config (torch.distributed.checkpoint).
+        return "moe_mtp"
     family = conversion.folder_family(folder, config_given=kwargs.get("config") is not None)
     if family is not None:
         for note in conversion.check_folder(folder, allow_missing=allow_missing, missing_hint=MISSING_WEIGHTS_HINT):
@@ -982,6 +1024,17 @@ def _loads_lazily(path, family: str | None, saved: dict | None, kwargs: dict, ke
     if keep_fp8:
         raise OSError(f"{path}: dtype='fp8' loads from a local folder; download it first.")
     return False
+
+
+def _builds_expert_list(kwargs: dict, saved: dict | None, config=None) -> bool:
+    """Whether the model `from_pretrained` is about to build gets per-expert modules (MoeMtpExpertList): the same
+    test as MoeMtpMoE's, on the quantization_config the loader will put in the config."""
+    config = config if config is not None else kwargs.get("config")
+    return (
+        kwargs.get("quantization_config") is not None
+        or getattr(config, "quantization_config", None) is not None
+        or (not isinstance(config, MoeMtpConfig) and (saved or {}).get("quantization_config") is not None)
+    )
 
 
 def _note_dropped_mtp(saved_depth: int, kept_depth: int):
@@ -1174,6 +1227,7 @@ class MoeMtpCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 
 class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # one module, so the MTP logits are gathered too
 
     def __init__(self, config: MoeMtpConfig):
         super().__init__(config)
@@ -1424,4 +1478,4 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         return total
 
 
-__all__ = ["MoeMtpPreTrainedModel", "MoeMtpModel", "MoeMtpForCausalLM"]
+__all__ = ["MoeMtpPreTrainedModel", "MoeMtpModel", "MoeMtpForCausalLM", "ROUTED_EXPERT_PARAMETERS"]

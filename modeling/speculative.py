@@ -220,7 +220,9 @@ class _SpeculativeDecoder:
             return logits
         if self.eos_ban is not None:
             # the prefix that position i sees is lengths + offset + i tokens long
-            prefix = self.lengths[:, None].to(logits.device) + offset + torch.arange(logits.shape[1], device=logits.device)
+            prefix = (
+                self.lengths[:, None].to(logits.device) + offset + torch.arange(logits.shape[1], device=logits.device)
+            )
             processed = logits
             for eos, min_length in self.eos_ban:
                 banned = prefix < min_length

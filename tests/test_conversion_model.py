@@ -49,7 +49,8 @@ def randomized(model):
 def test_our_state_dict_has_the_canonical_names_and_shapes(kind):
     for depth in (0, 1, 2):
         config = tiny_config(**{**KINDS[kind], "num_nextn_predict_layers": depth})
-        state = MoeMtpForCausalLM(config).state_dict()
+        # In memory the routed experts are stacked; the canonical (on-disk) names have one key per expert.
+        state = convert_state_dict(MoeMtpForCausalLM(config).state_dict(), config, "moe_mtp_model", "moe_mtp")
         if config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         assert {k: tuple(v.shape) for k, v in state.items()} == canonical_shapes(config)
@@ -64,14 +65,14 @@ def test_logits_match_transformers_after_conversion(kind):
         ours.model.layers[1].mlp.gate.e_score_correction_bias.zero_()
         ours.model.layers[2].mlp.gate.e_score_correction_bias.zero_()
     theirs = hf_model(config)
-    theirs.load_state_dict(convert_state_dict(ours.state_dict(), config, "moe_mtp", "transformers"), strict=True)
+    theirs.load_state_dict(convert_state_dict(ours.state_dict(), config, "moe_mtp_model", "transformers"), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-5)
     # and the other way: transformers' random weights into ours
     theirs = randomized(hf_model(config))
     ours = MoeMtpForCausalLM(config).eval()
     result = ours.load_state_dict(
-        convert_state_dict(theirs.state_dict(), config, "transformers", "moe_mtp"), strict=False
+        convert_state_dict(theirs.state_dict(), config, "transformers", "moe_mtp_model"), strict=False
     )
     assert not result.unexpected_keys  # a tied lm_head is the embedding, so the moe_mtp layout leaves it out
     assert result.missing_keys == (["lm_head.weight"] if config.tie_word_embeddings else [])
@@ -144,7 +145,8 @@ def test_released_folder_loads_through_the_from_pretrained_helpers(tmp_path):
     loaded_config = MoeMtpConfig(**read_config_dict(src))
     assert loaded_config.num_nextn_predict_layers == 2
     model = MoeMtpForCausalLM(loaded_config)
-    model.load_state_dict(load_state_dict_from_folder(src, loaded_config, dtype=torch.float32), strict=True)
+    weights = load_state_dict_from_folder(src, loaded_config, dtype=torch.float32, layout="moe_mtp_model")
+    model.load_state_dict(weights, strict=True)
     assert torch.equal(model.model.mtp_layers[1].hnorm.weight, ours["model.mtp_layers.1.hnorm.weight"].float())
 
 

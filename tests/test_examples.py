@@ -81,7 +81,7 @@ def test_finetune_trainer_lora(pretrained, tmp_path):
     assert result["train_log"] and "mtp_loss_1" in result["train_log"][0]
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         names = list(f.keys())
-    for part in ("self_attn.kv_b_proj", "mlp.shared_experts.up_proj", "mlp.experts.0.down_proj", "mtp_layers.0"):
+    for part in ("self_attn.kv_b_proj", "mlp.shared_experts.up_proj", "mlp.experts.base_layer", "mtp_layers.0"):
         assert any(part in n and "lora_A" in n for n in names), part
     assert not run_again("finetune_trainer_lora", tmp_path, "--model", str(pretrained))
 

@@ -206,3 +206,18 @@ def test_counts_stay_exact_in_low_precision_models(dtype):
     for seed in range(3):
         model(tokens(seed, batch_size=8, seq_len=64))
     assert int(model.moe_routers()[0].tokens_per_expert.sum()) == 3 * 8 * 64 * 2
+
+
+def test_routers_restored_without_counts_neither_fail_nor_move_the_bias():
+    """A model restored from a sharded (DCP) checkpoint is built on the meta device and its routers' token counts
+    stay there until a training forward: an optimizer step before one moves nothing and leaves real zero counts."""
+    model = make_model().train()
+    before = biases(model)
+    for router in model.moe_routers():
+        router.tokens_per_expert = torch.empty(router.num_experts, dtype=torch.long, device="meta")
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # the automatic post-step update runs here
+    assert all(torch.equal(a, b) for a, b in zip(biases(model), before, strict=True))
+    assert all(not r.tokens_per_expert.is_meta and r.tokens_per_expert.sum() == 0 for r in model.moe_routers())
+    model(tokens(0), labels=tokens(0)).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert any(not torch.equal(a, b) for a, b in zip(biases(model), before, strict=True))

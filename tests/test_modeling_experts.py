@@ -1,6 +1,6 @@
-"""The routed experts' two paths (modeling/modeling_moe_mtp.py): grouped GEMMs over packed weights, and one GEMM per
-expert for bitsandbytes- or PEFT-wrapped experts. Same numbers, and the fast path really runs after the usual
-operations."""
+"""The routed experts (modeling/modeling_moe_mtp.py): two 3-D parameters read by grouped GEMMs, per-expert keys on
+disk, per-expert modules for quantized loads, and PEFT LoRA on the 3-D parameters. Same numbers as one GEMM per
+expert, and the fast path really runs after the usual operations."""
 
 import copy
 
@@ -10,9 +10,10 @@ from conftest import randomize_router_bias, tiny_config
 from safetensors import safe_open
 
 from moe_mtp import MoeMtpForCausalLM
-from moe_mtp.modeling.modeling_moe_mtp import MoeMtpExperts
+from moe_mtp.modeling.modeling_moe_mtp import MoeMtpExpertList, MoeMtpExperts, fuse_expert_keys, per_expert_forward
 
 MOE_LAYERS = 2 + 1  # tiny_config: layers 1 and 2 of 3 are MoE, plus one MTP module
+EXPERTS, WIDTH, HIDDEN = 8, 32, 64
 
 
 def make_model(**overrides) -> MoeMtpForCausalLM:
@@ -30,20 +31,20 @@ def logits(model, input_ids):
     return model(input_ids=input_ids, output_mtp_logits=True).logits
 
 
-def expert_sets(model) -> list[MoeMtpExperts]:
-    return [m for m in model.modules() if isinstance(m, MoeMtpExperts)]
+def expert_sets(model, kind=MoeMtpExperts) -> list:
+    return [m for m in model.modules() if isinstance(m, kind)]
 
 
-def paths(model) -> set:
-    return {experts.last_path for experts in expert_sets(model)}
+def paths(model, kind=MoeMtpExperts) -> set:
+    return {experts.last_path for experts in expert_sets(model, kind)}
 
 
-def assert_grouped_and_packed(model):
-    """The last forward took the grouped path on packed weights in every MoE layer, MTP modules included."""
+def assert_grouped(model):
+    """The last forward took the grouped path on the 3-D parameters in every MoE layer, MTP modules included."""
     sets = expert_sets(model)
     assert len(sets) == MOE_LAYERS
     assert paths(model) == {"grouped"}
-    assert all(experts.is_packed() for experts in sets)
+    assert all(e.gate_up_proj.shape == (EXPERTS, 2 * WIDTH, HIDDEN) for e in sets)
 
 
 # ---------------------------------------------------------------------------------------------------------- parity
@@ -51,10 +52,9 @@ def assert_grouped_and_packed(model):
 
 def run_layer(moe, hidden_states, per_expert: bool):
     """Forward + backward of one MoE layer; returns the output and the gradients of the input and every parameter
-    (an expert without tokens gets no gradient on the per-expert path and zeros on the grouped one: both count as 0)."""
+    (an expert without tokens gets zeros on the grouped path and no rows on the per-expert one: both count as 0)."""
     moe = copy.deepcopy(moe)
-    if per_expert:
-        moe.dispatch = moe.per_expert_dispatch
+    moe.experts.use_grouped_mm = not per_expert
     hidden_states = hidden_states.clone().requires_grad_()
     out = moe(hidden_states)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
@@ -82,57 +82,99 @@ def test_grouped_path_matches_per_expert_path_in_outputs_and_every_gradient(kind
         torch.testing.assert_close(grads[name], want_grads[name], atol=1e-5, rtol=0, msg=name)
     unused = set(range(moe.gate.num_experts)) - set(chosen.flatten().tolist())
     for expert in unused:
-        assert grads[f"experts.{expert}.down_proj.weight"].abs().max() == 0
+        assert grads["experts.down_proj"][expert].abs().max() == 0
 
 
 def test_decode_sized_steps_take_the_sliced_path_with_the_same_numbers():
     """Without autograd and with at most a quarter as many slots as experts (decoding), CPU runs each slot on its
-    expert's slices of the packed buffers; outputs equal the grouped and per-expert paths'."""
-    moe = make_model().model.layers[1].mlp  # 8 experts, top-2: one token is 2 slots
-    num_tokens = 1
-    hidden_states = torch.randn(1, num_tokens, 64)
+    expert's slices; outputs equal the grouped and per-expert paths'."""
+    experts = make_model().model.layers[1].mlp.experts  # 8 experts, top-2: one token is 2 slots
+    tokens, index, weights = torch.randn(1, 64), torch.tensor([[5, 2]]), torch.rand(1, 2)
     with torch.no_grad():
-        out = moe(hidden_states)
-        assert moe.experts.last_path == "sliced"
-        _, weights, chosen = moe.gate(hidden_states.view(-1, 64))
-        grouped = moe.grouped_dispatch(hidden_states.view(-1, 64), chosen, weights, *moe.experts.grouped_weights())
-        per_expert = moe.per_expert_dispatch(hidden_states.view(-1, 64), chosen, weights)
-    routed = out - moe.shared_experts(hidden_states)
-    torch.testing.assert_close(routed.view(-1, 64), grouped, atol=1e-5, rtol=0)
-    torch.testing.assert_close(routed.view(-1, 64), per_expert, atol=1e-5, rtol=0)
-    with torch.no_grad():  # more slots than a quarter of the experts: back to the grouped GEMMs
-        moe(torch.randn(1, 2, 64))
-    assert moe.experts.last_path == "grouped"
-    moe(hidden_states)  # with autograd: grouped, so every expert weight gets its gradient
-    assert moe.experts.last_path == "grouped"
+        sliced = experts(tokens, index, weights)
+        assert experts.last_path == "sliced"
+        per_expert = per_expert_forward(
+            experts, tokens, index, weights, [(experts.gate_up_proj[e], experts.down_proj[e]) for e in range(8)]
+        )
+        grouped = experts.grouped(tokens, index, weights, experts.gate_up_proj, experts.down_proj)
+        torch.testing.assert_close(sliced, grouped, atol=1e-5, rtol=0)
+        torch.testing.assert_close(sliced, per_expert, atol=1e-5, rtol=0)
+        experts(torch.randn(2, 64), torch.tensor([[5, 2], [1, 2]]), torch.rand(2, 2))
+        assert experts.last_path == "grouped"  # more slots than a quarter of the experts
+    experts(tokens, index, weights)  # with autograd: grouped, so every expert weight gets its gradient
+    assert experts.last_path == "grouped"
 
 
-def test_expert_weights_are_views_into_one_buffer_per_projection():
-    experts = make_model().model.layers[1].mlp.experts
-    gate_up, down = experts.packed["gate_up"], experts.packed["down"]
-    assert gate_up.shape == (8, 2 * 32, 64) and down.shape == (8, 64, 32)
-    assert experts[3].gate_proj.weight.data_ptr() == gate_up[3, :32].data_ptr()
-    assert experts[3].up_proj.weight.data_ptr() == gate_up[3, 32:].data_ptr()
-    assert experts[7].down_proj.weight.data_ptr() == down[7].data_ptr()
-    with torch.no_grad():  # an in-place update (what optimizers do) is seen by the grouped GEMM
-        experts[2].up_proj.weight.add_(1.0)
-    assert torch.equal(gate_up[2, 32:], experts[2].up_proj.weight)
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_routes_to_another_ranks_experts_contribute_nothing(per_expert):
+    """Expert parallelism keeps a slice of the experts and marks routes to the others with id `num_experts`: those
+    slots add nothing and get no gradient, on either path, even where the grouped GEMM leaves rows undefined."""
+    full = make_model().model.layers[1].mlp.experts
+    full.use_grouped_mm = not per_expert
+    local = copy.deepcopy(full)
+    with torch.no_grad():
+        local.gate_up_proj = torch.nn.Parameter(full.gate_up_proj[4:].clone())
+        local.down_proj = torch.nn.Parameter(full.down_proj[4:].clone())
+    local.num_experts, local._is_expert_parallel = 4, True
+    tokens = torch.randn(10, 64)
+    index = torch.randint(0, EXPERTS, (10, 2))
+    weights = torch.rand(10, 2)
+    off_rank = index < 4
+    local_index = torch.where(off_rank, 4, index - 4)
+
+    x_full, x_local = tokens.clone().requires_grad_(), tokens.clone().requires_grad_()
+    want = full(x_full, index, weights.masked_fill(off_rank, 0))
+    got = local(x_local, local_index, weights.masked_fill(off_rank, 0))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    grad = torch.randn(got.shape)
+    want.backward(grad)
+    got.backward(grad)
+    torch.testing.assert_close(x_local.grad, x_full.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(local.down_proj.grad, full.down_proj.grad[4:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(local.gate_up_proj.grad, full.gate_up_proj.grad[4:], atol=1e-5, rtol=0)
 
 
-def test_packed_experts_are_not_tied(tmp_path):
-    """Views into one buffer are not weight tying: accelerate's tie finder sees only the declared head tie, and a
-    save writes each expert as its own tensor with its own values."""
-    from accelerate.utils import find_tied_parameters
+# ------------------------------------------------------------------------------------------ storage and checkpoints
 
+
+def test_experts_are_two_3d_parameters_saved_under_per_expert_keys(tmp_path):
+    """In memory two 3-D parameters per layer, sharing storage with nothing (no tie to declare); on disk the
+    released per-expert keys, each with its own expert's values."""
     model = make_model()
-    assert find_tied_parameters(model) == []
+    experts = model.model.layers[1].mlp.experts
+    assert experts.down_proj.shape == (EXPERTS, HIDDEN, WIDTH)
+    storages = {}
+    for name, tensor in model.state_dict().items():
+        storages.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
+    shared = [names for names in storages.values() if len(names) > 1]
+    assert all(set(names) <= {"lm_head.weight", "model.embed_tokens.weight"} for names in shared), shared
+
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        for expert in range(8):
-            for projection in ("gate_proj", "up_proj", "down_proj"):
-                key = f"model.layers.1.mlp.experts.{expert}.{projection}.weight"
-                saved = f.get_tensor(key)
-                assert torch.equal(saved, getattr(model.model.layers[1].mlp.experts[expert], projection).weight), key
+        keys = set(f.keys())
+        for expert in range(EXPERTS):
+            gate = f.get_tensor(f"model.layers.1.mlp.experts.{expert}.gate_proj.weight")
+            up = f.get_tensor(f"model.layers.1.mlp.experts.{expert}.up_proj.weight")
+            down = f.get_tensor(f"model.layers.1.mlp.experts.{expert}.down_proj.weight")
+            assert torch.equal(gate, experts.gate_up_proj[expert, :WIDTH])
+            assert torch.equal(up, experts.gate_up_proj[expert, WIDTH:])
+            assert torch.equal(down, experts.down_proj[expert])
+    assert "model.mtp_layers.0.mlp.experts.7.up_proj.weight" in keys
+    assert not any("gate_up" in k or k.endswith("experts.down_proj") for k in keys)
+
+
+def test_fuse_expert_keys_stacks_what_the_model_holds():
+    model = make_model()
+    from moe_mtp.conversion import convert_state_dict
+
+    per_expert = convert_state_dict(model.state_dict(), model.config, "moe_mtp_model", "moe_mtp")
+    assert "model.layers.2.mlp.experts.3.gate_proj.weight" in per_expert
+    fused = fuse_expert_keys(per_expert)
+    for key, value in model.state_dict().items():
+        if key != "lm_head.weight" or not model.config.tie_word_embeddings:
+            assert torch.equal(fused[key], value), key
+    with pytest.raises(KeyError, match="model.layers.2.mlp.experts"):
+        fuse_expert_keys({k: v for k, v in per_expert.items() if k != "model.layers.2.mlp.experts.5.up_proj.weight"})
 
 
 # ------------------------------------------------------------------------------------------ the fast path stays on
@@ -143,38 +185,30 @@ def test_grouped_path_after_from_pretrained_save_load_bf16_and_state_dict(tmp_pa
     input_ids = batch()
     with torch.no_grad():
         want = logits(model.eval(), input_ids)
-    assert_grouped_and_packed(model)
+    assert_grouped(model)
 
     model.save_pretrained(tmp_path)
-    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        keys = set(f.keys())
-    assert (
-        "model.layers.1.mlp.experts.7.gate_proj.weight" in keys
-        and "model.mtp_layers.0.mlp.experts.0.down_proj.weight" in keys
-    )
-    assert not any("packed" in k or "gate_up" in k for k in keys)  # the released per-expert keys only
-
     loaded = MoeMtpForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(logits(loaded, input_ids), want, atol=1e-5, rtol=0)
-    assert_grouped_and_packed(loaded)
+    assert_grouped(loaded)
 
     loaded.to(torch.bfloat16)
     with torch.no_grad():
         logits(loaded, input_ids)
-    assert_grouped_and_packed(loaded)
-    assert {e.packed["down"].dtype for e in expert_sets(loaded)} == {torch.bfloat16}
+    assert_grouped(loaded)
+    assert {e.down_proj.dtype for e in expert_sets(loaded)} == {torch.bfloat16}
 
     fresh = make_model()
     fresh.load_state_dict(model.state_dict(), assign=True)
     with torch.no_grad():
         torch.testing.assert_close(logits(fresh.eval(), input_ids), want, atol=1e-5, rtol=0)
-    assert_grouped_and_packed(fresh)
+    assert_grouped(fresh)
 
     mapped = MoeMtpForCausalLM.from_pretrained(tmp_path, device_map="auto")
     with torch.no_grad():
         logits(mapped, input_ids)
-    assert_grouped_and_packed(mapped)
+    assert_grouped(mapped)
 
 
 def test_grouped_path_through_trainer_steps_and_reload(tmp_path):
@@ -188,18 +222,17 @@ def test_grouped_path_through_trainer_steps_and_reload(tmp_path):
         output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
         report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
     )  # fmt: skip
-    before = model.model.layers[1].mlp.experts.packed["gate_up"].clone()
+    before = model.model.layers[1].mlp.experts.gate_up_proj.detach().clone()
     Trainer(model=model, args=args, train_dataset=data).train()
-    assert_grouped_and_packed(model)
-    experts = model.model.layers[1].mlp.experts
-    assert not torch.equal(experts.packed["gate_up"], before)  # the optimizer updated the packed weights in place
+    assert_grouped(model)
+    assert not torch.equal(model.model.layers[1].mlp.experts.gate_up_proj, before)
 
     model.save_pretrained(tmp_path / "trained")
     reloaded = MoeMtpForCausalLM.from_pretrained(tmp_path / "trained").eval()
     input_ids = batch()
     with torch.no_grad():
         torch.testing.assert_close(logits(reloaded, input_ids), logits(model.eval(), input_ids), atol=1e-5, rtol=0)
-    assert_grouped_and_packed(reloaded)
+    assert_grouped(reloaded)
 
 
 def test_gradient_checkpointing_and_deepcopy_keep_the_grouped_path():
@@ -208,25 +241,11 @@ def test_gradient_checkpointing_and_deepcopy_keep_the_grouped_path():
     model.train()
     input_ids = batch()
     model(input_ids, labels=input_ids).loss.backward()
-    assert_grouped_and_packed(model)
+    assert_grouped(model)
     assert all(p.grad is not None for n, p in model.named_parameters() if ".experts." in n)
     clone = copy.deepcopy(model)
     clone(input_ids, labels=input_ids)
-    assert_grouped_and_packed(clone)
-
-
-def test_replaced_expert_weights_are_stacked_with_a_warning_until_repacked(caplog):
-    model = make_model().eval()
-    input_ids = batch()
-    expert = model.model.layers[2].mlp.experts[4]
-    expert.down_proj.weight = torch.nn.Parameter(expert.down_proj.weight.detach().clone() * 2)
-    with torch.no_grad():
-        stacked = logits(model, input_ids)
-    assert model.model.layers[2].mlp.experts.last_path == "grouped_stacked"
-    assert model.pack_experts() == MOE_LAYERS
-    with torch.no_grad():
-        torch.testing.assert_close(logits(model, input_ids), stacked, atol=1e-5, rtol=0)
-    assert_grouped_and_packed(model)
+    assert_grouped(clone)
 
 
 def test_ddp_step_reaches_every_expert_without_find_unused_parameters(tmp_path):
@@ -239,7 +258,7 @@ def test_ddp_step_reaches_every_expert_without_find_unused_parameters(tmp_path):
         ddp = DistributedDataParallel(model)
         input_ids = batch()
         ddp(input_ids, labels=input_ids).loss.backward()
-        assert_grouped_and_packed(model)
+        assert_grouped(model)
         assert all(p.grad is not None for n, p in model.named_parameters() if ".experts." in n)
     finally:
         dist.destroy_process_group()
@@ -263,42 +282,57 @@ def test_bitsandbytes_quantizes_every_routed_expert_and_runs_the_per_expert_path
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
         layer = Linear4bit
     model = MoeMtpForCausalLM.from_pretrained(tmp_path, quantization_config=quantization)
-    experts = expert_sets(model)
+    assert expert_sets(model) == []  # per-expert modules, so that every one of them is quantized
+    experts = expert_sets(model, MoeMtpExpertList)
     quantized = [linear for e in experts for mlp in e for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
     assert len(quantized) == MOE_LAYERS * 8 * 3 and all(isinstance(linear, layer) for linear in quantized)
-    assert not any(e.is_packed() for e in experts)
     # The MoE layers alone: bitsandbytes' CPU 4-bit kernel refuses some of the tiny attention shapes.
     with torch.no_grad():
         for moe in [block.mlp for block in (*model.model.layers[1:], *model.model.mtp_layers)]:
             assert torch.isfinite(moe(torch.randn(2, 5, 128))).all()
-    assert paths(model) == {"per_expert"}
+    assert paths(model, MoeMtpExpertList) == {"per_expert"}
 
 
-def test_lora_adapts_every_routed_expert_and_runs_the_per_expert_path():
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import Linear as LoraLinear
+def test_lora_adapts_every_routed_expert_through_target_parameters_on_the_grouped_path(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    model = make_model()
+    model = make_model(bias_update_speed=0.0)  # the reloaded adapter's base keeps the original balancing bias
     input_ids = batch()
     with torch.no_grad():
         base = logits(model.eval(), input_ids)
-    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
-    adapted = [
-        linear
-        for experts in expert_sets(lora)
-        for mlp in experts
-        for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    ]
-    assert len(adapted) == MOE_LAYERS * 8 * 3 and all(isinstance(linear, LoraLinear) for linear in adapted)
+    pristine = copy.deepcopy(model)
+    config = LoraConfig(
+        r=4, target_modules=["gate_proj", "up_proj", "down_proj"], target_parameters=["gate_up_proj", "down_proj"]
+    )
+    lora = get_peft_model(model, config)
+    names = [n for n, p in lora.named_parameters() if p.requires_grad]
+    for experts in ("model.layers.1.mlp.experts", "model.layers.2.mlp.experts", "model.mtp_layers.0.mlp.experts"):
+        assert sum(experts in n and "lora_A" in n for n in names) == 2, experts  # gate_up_proj and down_proj
+    assert any("shared_experts.down_proj.lora_A" in n for n in names)
     with torch.no_grad():
         torch.testing.assert_close(logits(lora, input_ids), base, atol=1e-5, rtol=0)  # LoRA starts at 0
-    assert paths(lora) == {"per_expert"}
+    assert paths(lora) == {"grouped"}
+
+    # Trained adapters change every expert, through the grouped path's weight gradient.
+    optimizer = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        lora.train()
+        lora(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    lora.eval()
+    with torch.no_grad():
+        adapted = logits(lora, input_ids)
+    assert (adapted - base).abs().max() > 1e-4
+    lora.save_pretrained(tmp_path / "adapter")
+    again = PeftModel.from_pretrained(pristine, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(again, input_ids), adapted, atol=1e-5, rtol=0)
 
     merged = lora.merge_and_unload()
-    merged.pack_experts()
     with torch.no_grad():
-        torch.testing.assert_close(logits(merged, input_ids), base, atol=1e-5, rtol=0)
-    assert_grouped_and_packed(merged)
+        torch.testing.assert_close(logits(merged, input_ids), adapted, atol=1e-4, rtol=0)
+    assert_grouped(merged)
 
 
 # ---------------------------------------------------------------------------------------------------- torch.compile
@@ -331,3 +365,23 @@ def test_compiled_model_training_step_is_one_graph():
     loss = compiled(input_ids, labels=input_ids).loss
     loss.backward()
     assert torch.isfinite(loss) and paths(model) == {"grouped"}
+
+
+@pytest.mark.parametrize("base", [False, True])
+def test_folders_saved_with_stacked_experts_load(tmp_path, base):
+    """`save_pretrained(save_original_format=False)` writes the model's own stacked names; such a folder passes the
+    folder check (the moe_mtp_model layouts) and loads exactly, for the causal LM and the base model."""
+    from moe_mtp import MoeMtpModel
+
+    model = make_model().eval()
+    model = model.model if base else model
+    model.save_pretrained(tmp_path, save_original_format=False)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    prefix = "" if base else "model."
+    assert (
+        f"{prefix}layers.1.mlp.experts.gate_up_proj" in keys and f"{prefix}mtp_layers.0.mlp.experts.down_proj" in keys
+    )
+    loaded = (MoeMtpModel if base else MoeMtpForCausalLM).from_pretrained(tmp_path).eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -112,7 +112,7 @@ def test_a_shard_left_out_of_the_index_is_an_error(src, nothing_built):
         load(src)
 
 
-def test_missing_main_weights_are_an_error_unless_allowed(src, caplog):
+def test_missing_main_weights_are_an_error_unless_allowed(src, reference, caplog):
     edit_shard(src, EXPERT)
     edit_shard(src, EXPERT + "_scale_inv")
     with pytest.raises(ConversionError, match=rf"'{EXPERT}'.*allow_missing_weights=True"):
@@ -120,7 +120,12 @@ def test_missing_main_weights_are_an_error_unless_allowed(src, caplog):
     with caplog.at_level(logging.WARNING):
         model = load(src, allow_missing_weights=True)
     assert "1 tensor(s) missing" in caplog.text and EXPERT in caplog.text
-    assert torch.isfinite(model.get_parameter(EXPERT)).all()
+    # Only expert 5's gate is new: the layer's other experts (stacked in the same parameter) come from the folder.
+    gate_up, want = model.model.layers[2].mlp.experts.gate_up_proj, reference["model.layers.2.mlp.experts.gate_up_proj"]
+    width = model.config.moe_intermediate_size
+    assert torch.isfinite(gate_up).all() and gate_up[5, :width].std() > 0
+    assert not torch.equal(gate_up[5, :width], want[5, :width]) and torch.equal(gate_up[5, width:], want[5, width:])
+    assert torch.equal(gate_up[:5], want[:5]) and torch.equal(gate_up[6:], want[6:])
 
 
 @pytest.mark.parametrize("kind", ["release", "moe_mtp"])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import randomize_router_bias, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from moe_mtp import MoeMtpForCausalLM, MoeMtpModel
+from moe_mtp import ROUTED_EXPERT_PARAMETERS, MoeMtpForCausalLM, MoeMtpModel
 from moe_mtp.modeling.modeling_moe_mtp import MoeMtpMoE
 
 
@@ -177,10 +177,13 @@ def test_mtp_weight_zero_skips_the_mtp_forward():
 
 
 def dispatch_by_loop(moe: MoeMtpMoE, tokens, indices, weights):
+    experts = moe.experts
     out = torch.zeros_like(tokens)
     for t in range(tokens.shape[0]):
         for slot in range(indices.shape[1]):
-            out[t] += weights[t, slot] * moe.experts[int(indices[t, slot])](tokens[t])
+            e = int(indices[t, slot])
+            gate, up = (experts.gate_up_proj[e] @ tokens[t]).chunk(2)
+            out[t] += weights[t, slot] * (experts.down_proj[e] @ (experts.act_fn(gate) * up))
     return out
 
 
@@ -191,7 +194,7 @@ def test_grouped_dispatch_matches_a_per_token_loop(kind):
     tokens = torch.randn(40, 64)
     _, weights, indices = moe.gate(tokens)
     torch.testing.assert_close(
-        moe.dispatch(tokens, indices, weights), dispatch_by_loop(moe, tokens, indices, weights), atol=1e-5, rtol=1e-5
+        moe.experts(tokens, indices, weights), dispatch_by_loop(moe, tokens, indices, weights), atol=1e-5, rtol=1e-5
     )
 
 
@@ -412,11 +415,12 @@ def test_peft_lora_targets_the_experts_and_keeps_decode_exact():
     from peft import LoraConfig, get_peft_model
 
     model = make_model(num_nextn_predict_layers=1)
-    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj", "kv_b_proj"]))
+    targets = ["gate_proj", "up_proj", "down_proj", "kv_b_proj"]
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=targets, target_parameters=ROUTED_EXPERT_PARAMETERS))
     input_ids = batch(batch_size=4, seq_len=16)
     lora(input_ids=input_ids, labels=input_ids).loss.backward()
     trained = {n for n, p in lora.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert any(".mlp.experts.5.down_proj.lora_B" in n for n in trained)
+    assert any(".layers.1.mlp.experts." in n and "lora_B" in n for n in trained)
     assert any("mtp_layers.0.mlp.experts." in n and "lora_B" in n for n in trained)
     # A LoRA-wrapped kv_b_proj makes decode take the expanded path, which must still match the full forward.
     lora.eval()

@@ -25,7 +25,7 @@ def model_pair(kind: str, impl: str):
         randomize_router_bias(ours)  # the bias must steer both implementations' choice the same way
     reference = REFERENCE_CLASS[kind](transformers_config(ours.config)).eval()
     reference.set_attn_implementation(impl)
-    weights = convert_state_dict(ours.state_dict(), ours.config, "moe_mtp", "transformers")
+    weights = convert_state_dict(ours.state_dict(), ours.config, "moe_mtp_model", "transformers")
     reference.load_state_dict(weights, strict=True)
     return ours, reference
 
@@ -104,7 +104,7 @@ def test_every_rope_type_matches_for_long_inputs(rope_type):
     ours = MoeMtpForCausalLM(config).eval()
     reference = DeepseekV3ForCausalLM(transformers_config(ours.config)).eval()
     reference.set_attn_implementation("sdpa")
-    reference.load_state_dict(convert_state_dict(ours.state_dict(), ours.config, "moe_mtp", "transformers"))
+    reference.load_state_dict(convert_state_dict(ours.state_dict(), ours.config, "moe_mtp_model", "transformers"))
     input_ids = torch.randint(3, 128, (2, 3 * MAX_POSITIONS))
     prefill = 2 * MAX_POSITIONS
     with torch.no_grad():
@@ -119,4 +119,6 @@ def test_every_rope_type_matches_for_long_inputs(rope_type):
         plain = MoeMtpForCausalLM(tiny_config("v3", max_position_embeddings=MAX_POSITIONS, rope_parameters=None))
         plain.load_state_dict(ours.state_dict())
         with torch.no_grad():
-            assert not torch.allclose(plain.eval()(input_ids).logits, ours(input_ids).logits, atol=1e-3)
+            assert not torch.allclose(
+                plain.eval()(input_ids).logits, ours(input_ids).logits, atol=1e-5
+            )  # same-math reruns agree to ~1e-7

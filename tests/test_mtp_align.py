@@ -35,7 +35,7 @@ def transformers_folder(trained, tmp_path_factory):
     theirs = DeepseekV3ForCausalLM(transformers_config(ours.config))
     with warnings.catch_warnings():  # that transformers' layout has no MTP module is the point here
         warnings.simplefilter("ignore")
-        state = convert_state_dict(ours.state_dict(), ours.config, "moe_mtp", "transformers")
+        state = convert_state_dict(ours.state_dict(), ours.config, "moe_mtp_model", "transformers")
     theirs.load_state_dict({k: v for k, v in state.items() if k in theirs.state_dict()}, strict=True)
     folder = tmp_path_factory.mktemp("transformers") / "model"
     theirs.save_pretrained(folder)

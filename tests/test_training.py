@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import randomize_router_bias, tiny_config
 
-from moe_mtp import MoeMtpForCausalLM
+from moe_mtp import ROUTED_EXPERT_PARAMETERS, MoeMtpForCausalLM
 from moe_mtp.modeling.balancing import balancing_state
 from moe_mtp.training import MoeMtpCallback, StepSchedule
 
@@ -28,8 +28,8 @@ def expected_lora_count(config) -> int:
     count = 0
     for layer in range(config.num_hidden_layers + config.num_nextn_predict_layers):
         count += len(ATTENTION)
-        if config.is_moe_layer(layer):
-            count += len(MLP) * (config.n_routed_experts + (1 if config.n_shared_experts else 0))
+        if config.is_moe_layer(layer):  # one LoRA per 3-D expert parameter, nested, plus the shared experts
+            count += len(ROUTED_EXPERT_PARAMETERS) + len(MLP) * (1 if config.n_shared_experts else 0)
         else:
             count += len(MLP)
     return count
@@ -38,7 +38,10 @@ def expected_lora_count(config) -> int:
 def lora_model(model, r=4):
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=ATTENTION + MLP))
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=ATTENTION + MLP, target_parameters=ROUTED_EXPERT_PARAMETERS
+    )
+    return get_peft_model(model, config)
 
 
 def adapted_names(model) -> set[str]:
@@ -55,9 +58,9 @@ def test_lora_reaches_attention_dense_shared_and_routed_experts_and_round_trips(
     reference.load_state_dict(base.state_dict())
     lora = lora_model(base)
     names = adapted_names(lora)
-    assert len(names) == expected_lora_count(config) == 104
-    for part in (".layers.0.mlp.gate_proj", ".layers.1.mlp.shared_experts.up_proj", ".layers.2.mlp.experts.7.down_proj",
-                 ".mtp_layers.0.mlp.experts.3.gate_proj", ".mtp_layers.0.self_attn.kv_b_proj", ".layers.0.self_attn.q_a_proj"):  # fmt: skip
+    assert len(names) == expected_lora_count(config) == 38
+    for part in (".layers.0.mlp.gate_proj", ".layers.1.mlp.shared_experts.up_proj", ".layers.2.mlp.experts",
+                 ".mtp_layers.0.mlp.experts.base_layer", ".mtp_layers.0.self_attn.kv_b_proj", ".layers.0.self_attn.q_a_proj"):  # fmt: skip
         assert any(name.endswith(part) for name in names), part
 
     with torch.no_grad():  # trained-looking adapters
@@ -72,7 +75,7 @@ def test_lora_reaches_attention_dense_shared_and_routed_experts_and_round_trips(
     lora.save_pretrained(tmp_path / "adapter")
 
     reloaded = PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
-    assert len(adapted_names(reloaded)) == 104
+    assert len(adapted_names(reloaded)) == 38
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=input_ids).logits, adapted, rtol=0, atol=0)
         merged = reloaded.merge_and_unload()

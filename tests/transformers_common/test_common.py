@@ -102,13 +102,3 @@ class MoeMtpModelTest(ModelTesterMixin, GenerationTesterMixin, TrainingTesterMix
 
         with mock.patch.object(MoeMtpPreTrainedModel, "from_pretrained", classmethod(from_pretrained)):
             super().test_model_weights_reload_no_missing_tied_weights()
-
-    @unittest.skip(
-        "The routed experts' weights are views into one packed buffer per projection (docs/design.md, expert "
-        "storage), which this test reads as undeclared tying. They are not tied: each expert is its own Parameter "
-        "(accelerate finds no tie), and save_pretrained writes every expert as its own tensor "
-        "(tests/test_modeling_experts.py::test_packed_experts_are_not_tied). Storage that shares nothing comes with "
-        "the fused 3-D expert parameters of the distributed-training issue."
-    )
-    def test_tied_weights_keys(self):
-        pass
