@@ -173,6 +173,16 @@ def _write_card(model: nn.Module, staging: Path, target: Path):
     (staging / "README.md").write_text(model_card(model, source))
 
 
+def _add_remote_code(folder: Path) -> None:
+    """Points the folder's config at the bundled modeling code (`auto_map`) and writes that code beside it."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = dict(AUTO_MAP)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name, source in remote_code_files().items():
+        (folder / name).write_text(source)
+
+
 def _publish(staging: Path, target: Path):
     """Moves a finished save into place: one rename for a new folder, else one rename per file."""
     if not target.exists():
@@ -212,12 +222,7 @@ def save_pretrained(model, super_save, save_directory, **kwargs):
     try:
         super_save(staging, **kwargs)
         if not getattr(model, "_hf_peft_config_loaded", False):
-            config_file = staging / "config.json"
-            config = json.loads(config_file.read_text())
-            config["auto_map"] = dict(AUTO_MAP)
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            for name, source in remote_code_files().items():
-                (staging / name).write_text(source)
+            _add_remote_code(staging)
             _write_card(model, staging, target)
         _publish(staging, target)
     finally:
@@ -245,12 +250,7 @@ def _save_distributed_checkpoint(model, super_save, target: Path, **kwargs):
     if dist.is_initialized():
         dist.barrier()
     if model.should_save_on_this_rank(kwargs.get("is_main_process", True)):
-        config_file = target / "config.json"
-        config = json.loads(config_file.read_text())
-        config["auto_map"] = dict(AUTO_MAP)
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name, source in remote_code_files().items():
-            (target / name).write_text(source)
+        _add_remote_code(target)
     if dist.is_initialized():
         dist.barrier()
 
