@@ -1,5 +1,6 @@
 """Tiny in-memory configs and the reference configs shared by the tests."""
 
+import atexit
 import json
 import os
 import shutil
@@ -107,14 +108,10 @@ def src(pristine, tmp_path):
 
 # Trained tokenizers and token stores go to a folder of this test session, not ~/.cache/moe_mtp. Set when conftest is
 # imported: test modules copy os.environ for their subprocesses when they are imported, before any fixture runs.
+# Removed at exit rather than by a fixture, which `--collect-only` never runs.
 TOKEN_CACHE = tempfile.mkdtemp(prefix="moe_mtp_cache_")
 os.environ["MOE_MTP_CACHE"] = TOKEN_CACHE
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _remove_token_cache():
-    yield
-    shutil.rmtree(TOKEN_CACHE, ignore_errors=True)
+atexit.register(shutil.rmtree, TOKEN_CACHE, ignore_errors=True)
 
 
 def write_corpus(path: Path, documents: int = 600, skip: int = 0) -> Path:
