@@ -12,6 +12,12 @@ i + k (its distribution, `--mtp-targets self_kl`, or its argmax, `self_greedy`),
 unquantized load of the input, and every main tensor is compared with the input's before the folder is renamed into
 place) plus the trained MTP modules. Greedy draft acceptance on held-out text is printed before and after: the
 blocks of PATH after the first 1 - `--eval-fraction`, never used for alignment.
+
+How many tokens to draft per step is saved too (`num_mtp_draft_tokens`, which `generate(use_mtp=True)` reads): with
+`--mtp-drafts auto` the fastest of 1 to `--max-mtp-drafts`, timed on up to 4 held-out prompts against plain decoding.
+Drafts beyond the number of modules reuse the last module on its own output; when the model is small, a step is
+mostly fixed per-operation cost, so drafting several tokens per verification forward can pay even at lower
+acceptance per extra draft.
 """
 
 from __future__ import annotations
@@ -63,6 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--acceptance-prompts", type=int, default=8, help="Held-out prompts for the decoding acceptance."
     )
     group.add_argument("--acceptance-tokens", type=int, default=64, help="Tokens generated per acceptance prompt.")
+    group.add_argument(
+        "--mtp-drafts",
+        default="auto",
+        metavar="N|auto",
+        help="Drafts per speculative step saved as the output's num_mtp_draft_tokens. auto: after training, time "
+        "greedy decoding of up to 4 acceptance prompts (batch 1) with 1 to --max-mtp-drafts drafts against plain "
+        "decoding, and keep the fastest.",
+    )
+    group.add_argument("--max-mtp-drafts", type=int, default=3, help="Largest draft count --mtp-drafts auto tries.")
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -189,12 +204,76 @@ def teacher_forced_acceptance(model, blocks: torch.Tensor, batch_size: int, devi
 
 @torch.no_grad()
 def decoding_acceptance(model, prompts: torch.Tensor, new_tokens: int) -> dict:
-    """Greedy `generate(use_mtp=True)` on held-out prompts: the acceptance speculation actually gets."""
+    """Greedy `generate(use_mtp=True)` on held-out prompts, one draft per module: the acceptance speculation
+    actually gets."""
     model.generate(
-        prompts, max_new_tokens=new_tokens, do_sample=False, use_mtp=True, pad_token_id=model.config.pad_token_id or 0
+        prompts,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        use_mtp=True,
+        num_mtp_draft_tokens=len(model.model.mtp_layers),
+        pad_token_id=model.config.pad_token_id or 0,
     )
     stats = model.last_mtp_stats
     return {"acceptance": stats.acceptance_rate, "drafted": stats.drafted, "tokens_per_step": stats.tokens_per_step}
+
+
+@torch.no_grad()
+def draft_speeds(model, prompts: torch.Tensor, new_tokens: int, max_drafts: int, repeats: int = 2) -> dict:
+    """Plain time / speculative time of greedy decoding with 1..max_drafts drafts per step, prompt by prompt at batch
+    1, each draft count run right after plain decoding so that a busy machine slows both alike (medians over
+    `repeats`). Raises if any speculative output differs from plain greedy decoding."""
+    pad = model.config.pad_token_id or 0
+    common = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+
+    def timed(prompt, **kwargs):
+        start = time.perf_counter()
+        out = model.generate(prompt, **common, **kwargs)
+        return out, time.perf_counter() - start
+
+    rows = list(prompts.split(1))
+    timed(rows[0][:, :8], use_mtp=True), timed(rows[0][:, :8])  # warm-up
+    ratios = {drafts: [] for drafts in range(1, max_drafts + 1)}
+    for _ in range(repeats):
+        totals = dict.fromkeys([0, *ratios], 0.0)
+        for prompt in rows:
+            plain, seconds = timed(prompt)
+            totals[0] += seconds
+            for drafts in ratios:
+                out, seconds = timed(prompt, use_mtp=True, num_mtp_draft_tokens=drafts)
+                if not torch.equal(out, plain):
+                    raise RuntimeError(
+                        f"speculative greedy decoding with {drafts} drafts differs from plain decoding; this is a bug "
+                        "in moe_mtp: please report it"
+                    )
+                totals[drafts] += seconds
+        for drafts in ratios:
+            ratios[drafts].append(totals[0] / totals[drafts])
+    return {drafts: sorted(values)[len(values) // 2] for drafts, values in ratios.items()}
+
+
+def fixed_drafts(args) -> int | None:
+    """`--mtp-drafts` as a count, or None for auto; checked before any training."""
+    if args.max_mtp_drafts < 1:
+        raise SystemExit(f"--max-mtp-drafts must be at least 1, got {args.max_mtp_drafts}")
+    if args.mtp_drafts == "auto":
+        return None
+    try:
+        drafts = int(args.mtp_drafts)
+    except ValueError:
+        drafts = 0
+    if drafts < 1:
+        raise SystemExit(f"--mtp-drafts must be a positive integer or 'auto', got {args.mtp_drafts!r}")
+    return drafts
+
+
+def choose_drafts(model, prompts, args) -> tuple[int, dict]:
+    """`--mtp-drafts`: a fixed count, or (auto) the fastest count measured by `draft_speeds`."""
+    drafts = fixed_drafts(args)
+    if drafts is not None:
+        return drafts, {}
+    speeds = draft_speeds(model.eval(), prompts[:4], args.acceptance_tokens, args.max_mtp_drafts)
+    return max(speeds, key=speeds.get), speeds
 
 
 def measure(model, eval_blocks, prompts, args, device) -> dict:
@@ -228,9 +307,9 @@ def compare_main_tensors(source, written) -> int:
         theirs.close()
 
 
-def write_model(args, mtp_state: dict, depth: int, tokenizer, output_dir: Path) -> int:
-    """OUT/model: the input folder reloaded unquantized in its own dtype, with the trained MTP modules, written to
-    `model.partial`, compared with the input, then renamed into place."""
+def write_model(args, mtp_state: dict, depth: int, tokenizer, output_dir: Path, drafts: int) -> int:
+    """OUT/model: the input folder reloaded unquantized in its own dtype, with the trained MTP modules and `drafts`
+    as its `num_mtp_draft_tokens`, written to `model.partial`, compared with the input, then renamed into place."""
     final, partial = output_dir / "model", output_dir / "model.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model = load_model(args, depth, dtype="auto", quantized=False)
@@ -244,6 +323,7 @@ def write_model(args, mtp_state: dict, depth: int, tokenizer, output_dir: Path) 
     with torch.no_grad():
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in mtp_state.items()}, strict=False)
     model.config.use_cache = model.generation_config.use_cache = True
+    model.config.num_mtp_draft_tokens = drafts
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     checked = compare_main_tensors(args.model, partial)
@@ -273,6 +353,7 @@ def run(args) -> dict:
         raise SystemExit("--mtp-only/--add-mtp need --model DIR: the finished model whose MTP modules to train")
     if args.resume:
         raise SystemExit("--mtp-only runs are short and write no checkpoints: drop --resume")
+    fixed_drafts(args)
     output_dir = prepare_output(args)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -358,9 +439,17 @@ def run(args) -> dict:
         f"{after['teacher_forced']:.3f} teacher-forced ({args.max_steps} steps, {seconds:.0f} s)",
         flush=True,
     )
+    drafts, speeds = choose_drafts(model, prompts, args)
+    if speeds:
+        table = ", ".join(f"{count} draft{'s' * (count > 1)} {ratio:.2f}x" for count, ratio in speeds.items())
+        print(
+            f"MTP decoding speed vs plain on the held-out prompts (batch 1): {table}; saving "
+            f"num_mtp_draft_tokens={drafts}",
+            flush=True,
+        )
     mtp_state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(MTP_PREFIX)}
     del model, optimizer
-    checked = write_model(args, mtp_state, depth, tokenizer, output_dir)
+    checked = write_model(args, mtp_state, depth, tokenizer, output_dir, drafts)
     print(f"{output_dir / 'model'}: {checked} main-model tensors bit-identical to {args.model}'s", flush=True)
 
     summary = {
@@ -377,6 +466,8 @@ def run(args) -> dict:
         "eval_blocks": len(eval_blocks),
         "before": before,
         "after": after,
+        "num_mtp_draft_tokens": drafts,
+        "speed_by_drafts": speeds,
         "main_tensors_identical": checked,
         "history": history,
     }

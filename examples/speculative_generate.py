@@ -3,7 +3,8 @@
 With `use_mtp=True` the model's own MTP modules draft the next tokens and the main model verifies them all in one
 forward, so each step can emit more than one token. Under greedy decoding the output is the same as plain
 `generate` (the script checks it); what changes is the number of forwards. It prints the draft acceptance rate
-(`model.last_mtp_stats`), tokens/s of both and their ratio.
+(`model.last_mtp_stats`: of the first draft of each step, and of all drafts), tokens/s of both and their ratio.
+Each model drafts its config's `num_mtp_draft_tokens` per step (`--mtp-only` saves the fastest count).
 
     python examples/speculative_generate.py --smoke                         # seconds: a tiny, briefly trained model
     python examples/speculative_generate.py --model outputs/pretrain/model  # a model you trained
@@ -82,6 +83,7 @@ def compare(folder: str, args) -> dict:
 
     timed_generate(model, batches[0], max_new_tokens=2, pad_token_id=tokenizer.pad_token_id)  # warm-up
     plain_times, mtp_times, identical, accepted, drafted, steps_rows = [], [], True, 0, 0, 0
+    first_accepted = first_drafted = 0
     for repeat in range(args.repeats):
         plain_total = mtp_total = 0.0
         for inputs in batches:
@@ -96,18 +98,24 @@ def compare(folder: str, args) -> dict:
                     drafted + stats.drafted,
                     steps_rows + stats.steps_rows,
                 )
+                first_accepted += stats.accepted_per_position[0]
+                first_drafted += stats.drafted_per_position[0]
         plain_times.append(plain_total)
         mtp_times.append(mtp_total)
     new_tokens = sum(inputs["input_ids"].shape[0] for inputs in batches) * args.max_new_tokens
     plain_s, mtp_s = statistics.median(plain_times), statistics.median(mtp_times)
     result = {
         "model": folder, "identical": identical, "acceptance_rate": accepted / max(drafted, 1),
+        "first_draft_acceptance": first_accepted / max(first_drafted, 1), "drafts_per_step": len(stats.drafted_per_position),
         "tokens_per_step": (accepted + steps_rows) / max(steps_rows, 1), "plain_tokens_per_s": new_tokens / plain_s,
         "mtp_tokens_per_s": new_tokens / mtp_s, "speedup": plain_s / mtp_s, "prompts": new_tokens // args.max_new_tokens,
         "batch_size": args.batch_size, "threads": torch.get_num_threads(),
     }  # fmt: skip
-    print(f"{folder}: MTP drafts accepted: {accepted}/{drafted} ({100 * result['acceptance_rate']:.0f}%), "
-          f"{result['tokens_per_step']:.2f} tokens per verification forward")  # fmt: skip
+    drafts = result["drafts_per_step"]
+    print(f"{folder}: {drafts} draft(s) per step (num_mtp_draft_tokens); first drafts accepted: {first_accepted}/"
+          f"{first_drafted} ({100 * result['first_draft_acceptance']:.0f}%); MTP drafts accepted: {accepted}/{drafted} "
+          f"({100 * result['acceptance_rate']:.0f}%), {result['tokens_per_step']:.2f} tokens per verification "
+          "forward")  # fmt: skip
     print(f"  plain: {result['plain_tokens_per_s']:.1f} tokens/s; use_mtp: {result['mtp_tokens_per_s']:.1f} tokens/s; "
           f"speed ratio {result['speedup']:.2f}x; greedy outputs identical: {result['identical']}")  # fmt: skip
     print("  sample:", repr(tokenizer.decode(mtp[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)))
@@ -135,7 +143,8 @@ def main(argv=None) -> dict:
     results = [compare(folder, args) for folder in folders]
     if len(results) > 1:
         first, last = results[0], results[-1]
-        print(f"acceptance {first['acceptance_rate']:.2f} -> {last['acceptance_rate']:.2f}; "
+        print(f"first-draft acceptance {first['first_draft_acceptance']:.2f} -> {last['first_draft_acceptance']:.2f}; "
+              f"drafts per step {first['drafts_per_step']} -> {last['drafts_per_step']}; "
               f"speed ratio {first['speedup']:.2f}x -> {last['speedup']:.2f}x")  # fmt: skip
     result = {**results[-1], "models": results}
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from moe_mtp.train import main as train_main
 MTP = "model.mtp_layers."
 # A smoke-sized model trained long enough to predict something: its greedy next tokens are far from uniform.
 TRAIN = ["--smoke", "--max-steps", "100", "--eval-every", "100", "--save-every", "0", "--no-progress", "--no-plots"]
-ALIGN = ["--smoke", "--max-steps", "60", "--no-progress"]
+ALIGN = ["--smoke", "--max-steps", "60", "--no-progress", "--mtp-drafts", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,30 @@ def test_mtp_only_keeps_every_main_tensor_bit_identical(trained, tmp_path):
     assert summary_of(out)["main_tensors_identical"] == len(before) - len(mtp)
     with pytest.raises(SystemExit, match="already holds files"):  # never writes over a run
         train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(out), *ALIGN])
+
+
+def test_mtp_drafts_auto_times_each_count_and_saves_the_fastest(trained, tmp_path, capsys):
+    out = tmp_path / "auto"
+    flags = [*ALIGN[:-2], "--max-steps", "20", "--acceptance-prompts", "2", "--acceptance-tokens", "24"]
+    train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(out), *flags, "--max-mtp-drafts", "3"])
+    summary = summary_of(out)
+    speeds = {int(count): ratio for count, ratio in summary["speed_by_drafts"].items()}
+    assert sorted(speeds) == [1, 2, 3] and all(ratio > 0 for ratio in speeds.values())
+    assert summary["num_mtp_draft_tokens"] == max(speeds, key=speeds.get)
+    model = MoeMtpForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    assert model.config.num_mtp_draft_tokens == summary["num_mtp_draft_tokens"]
+    stats = assert_greedy_exact(model, prompts_of(out / "model"))  # generate drafts the saved count by default
+    assert len(stats.drafted_per_position) == summary["num_mtp_draft_tokens"]
+    assert "saving num_mtp_draft_tokens=" in capsys.readouterr().out
+
+    fixed = tmp_path / "fixed"
+    train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(fixed), *flags, "--mtp-drafts", "3"])
+    assert summary_of(fixed)["num_mtp_draft_tokens"] == 3 and summary_of(fixed)["speed_by_drafts"] == {}
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit, match="--mtp-drafts must be"):  # refused before any training
+            train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(tmp_path / bad), *flags,
+                        "--mtp-drafts", bad])  # fmt: skip
+        assert not (tmp_path / bad / "model").exists()
 
 
 def test_add_mtp_to_a_transformers_folder_raises_acceptance_and_stays_exact(transformers_folder, trained, tmp_path):
