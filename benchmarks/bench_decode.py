@@ -181,6 +181,26 @@ def heldout_prompts(tokenizer, length: int, batch_size: int) -> torch.Tensor:
     return torch.stack([heldout[s : s + length] for s in starts])
 
 
+class DecodeClock:
+    """A `generate` streamer that only timestamps: the first `put` is the prompt, the second the first new token
+    (the prefill done); `end` closes the run. Plain and speculative decoding both stream every token."""
+
+    def __init__(self):
+        self.puts: list[float] = []
+        self.ended = None
+
+    def put(self, value):
+        self.puts.append(time.perf_counter())
+
+    def end(self):
+        self.ended = time.perf_counter()
+
+    def decode_seconds(self) -> float:
+        if len(self.puts) < 2 or self.ended is None:
+            raise RuntimeError("generate streamed fewer than one new token: cannot time the decoding alone")
+        return self.ended - self.puts[1]
+
+
 def generate_seconds(model, prompts, new_tokens, **kwargs):
     start = time.perf_counter()
     with torch.no_grad():
@@ -190,16 +210,28 @@ def generate_seconds(model, prompts, new_tokens, **kwargs):
     return time.perf_counter() - start, out
 
 
-def decode_rate(model, prompts, new_tokens, repeats, **kwargs):
-    """Decode-only tokens/s: batch * (N - 1) / (time of N new tokens - time of 1), median over repeats, so the
-    prefill (identical work for every row of the table) does not dilute the decoding speed. Returns (rate, output
-    of the N-token run)."""
-    deltas, out = [], None
+def decode_seconds(model, prompts, new_tokens, **kwargs):
+    """Seconds from the first new token to the end of one run (timed inside the run by a streamer, so the prefill is
+    left out: subtracting a 1-token run's time instead subtracts two noisy prefills, which at a 2048-token prompt take
+    as long as the decoding itself), and the run's output."""
+    clock = DecodeClock()
+    _, out = generate_seconds(model, prompts, new_tokens, streamer=clock, **kwargs)
+    return max(clock.decode_seconds(), 1e-9), out
+
+
+def decode_rates(runs: dict, prompts, new_tokens, repeats) -> tuple[dict, dict]:
+    """Decode-only tokens/s, batch * (N - 1) / median seconds, of each run {label: (model, generate kwargs)}. Each
+    repeat runs every label once, in turn, so that a machine whose speed drifts slows every row alike. Returns
+    ({label: rate}, {label: (output, the model's last_mtp_stats or None) of the last repeat})."""
+    seconds = {label: [] for label in runs}
+    last = {}
     for _ in range(repeats):
-        first, _ = generate_seconds(model, prompts, 1, **kwargs)
-        total, out = generate_seconds(model, prompts, new_tokens, **kwargs)
-        deltas.append(max(total - first, 1e-9))
-    return prompts.shape[0] * (new_tokens - 1) / statistics.median(deltas), out
+        for label, (model, kwargs) in runs.items():
+            elapsed, out = decode_seconds(model, prompts, new_tokens, **kwargs)
+            seconds[label].append(elapsed)
+            last[label] = (out, getattr(model, "last_mtp_stats", None) if kwargs.get("use_mtp") else None)
+    tokens = prompts.shape[0] * (new_tokens - 1)
+    return {label: tokens / statistics.median(values) for label, values in seconds.items()}, last
 
 
 def transformers_models(model_dir: Path, ours: MoeMtpForCausalLM, work: Path):
@@ -225,14 +257,14 @@ def run_transformers_mtp(release: Path, prompts, new_tokens, repeats, prompts_dt
     try:
         model = DeepseekV3ForCausalLM.from_pretrained(release, dtype=prompts_dtype).to(prompts.device).eval()
         model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
-        rate, _ = decode_rate(model, prompts, new_tokens, repeats, use_mtp=True)
-        return rate, None
+        rates, _ = decode_rates({"mtp": (model, {"use_mtp": True})}, prompts, new_tokens, repeats)
+        return rates["mtp"], None
     except Exception as error:  # reported in the table, not hidden
         return float("nan"), f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
 
 def bench_case(ours, theirs, release, prompts, new_tokens, repeats) -> dict:
-    """All rows for one (batch, prompt length); prints each as it is measured."""
+    """All rows for one (batch, prompt length), measured in turn within each repeat, then printed."""
     batch_size, length = prompts.shape
     row = {"batch": batch_size, "prompt": length}
 
@@ -245,25 +277,32 @@ def bench_case(ours, theirs, release, prompts, new_tokens, repeats) -> dict:
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
     generate_seconds(ours, prompts, 2)  # warm-up
-    rate, plain_out = decode_rate(ours, prompts, new_tokens, repeats, mla_decode="expanded")
-    row["expanded"] = report("ours plain (expanded MLA)", rate)
-    rate, plain_out = decode_rate(ours, prompts, new_tokens, repeats, mla_decode="absorbed")
-    row["absorbed"] = report("ours plain (absorbed MLA)", rate)
+    generate_seconds(ours, prompts, 2, use_mtp=True)
+    generate_seconds(theirs, prompts, 2)
     # The drafts per step the aligned folder's config holds (`--mtp-only --mtp-drafts auto` times 1-3 and keeps the
-    # fastest), then one draft per step, DeepSeek-V3's own setting, for comparison.
+    # fastest), and one draft per step, DeepSeek-V3's own setting, for comparison.
     drafts = ours.config.num_mtp_draft_tokens or len(ours.model.mtp_layers)
-    rate, mtp_out = decode_rate(ours, prompts, new_tokens, repeats, use_mtp=True)
-    stats = ours.last_mtp_stats
+    runs = {
+        "expanded": (ours, {"mla_decode": "expanded"}),
+        "absorbed": (ours, {"mla_decode": "absorbed"}),
+        "mtp": (ours, {"use_mtp": True}),
+        "mtp1": (ours, {"use_mtp": True, "num_mtp_draft_tokens": 1}),
+        "transformers": (theirs, {}),
+    }
+    rates, last = decode_rates(runs, prompts, new_tokens, repeats)
+    row.update(rates)
+    plain_out = last["absorbed"][0]
+    report("ours plain (expanded MLA)", rates["expanded"])
+    report("ours plain (absorbed MLA)", rates["absorbed"])
+    mtp_out, stats = last["mtp"]
     row["acceptance"], row["identical"] = stats.acceptance_per_position[0], torch.equal(plain_out, mtp_out)
     row["drafts"] = drafts
     note = f"first-draft acceptance {row['acceptance']:.3f}, {stats.tokens_per_step:.2f} tok/step"
-    row["mtp"] = report(f"ours + MTP ({drafts} drafts per step)", rate, f"{note}, identical: {row['identical']}")
-    rate, one_out = decode_rate(ours, prompts, new_tokens, repeats, use_mtp=True, num_mtp_draft_tokens=1)
-    stats = ours.last_mtp_stats
+    report(f"ours + MTP ({drafts} drafts per step)", rates["mtp"], f"{note}, identical: {row['identical']}")
+    one_out, stats = last["mtp1"]
     note = f"{stats.tokens_per_step:.2f} tok/step, identical: {torch.equal(plain_out, one_out)}"
-    row["mtp1"] = report("ours + MTP, 1 draft per step", rate, note)
-    rate, _ = decode_rate(theirs, prompts, new_tokens, repeats)
-    row["transformers"] = report("transformers DeepseekV3 plain", rate)
+    report("ours + MTP, 1 draft per step", rates["mtp1"], note)
+    report("transformers DeepseekV3 plain", rates["transformers"])
     rate, error = run_transformers_mtp(release, prompts, new_tokens, repeats, ours.dtype)
     row["transformers_mtp"] = report("transformers DeepseekV3 use_mtp", rate, error or "")
     return row
@@ -344,7 +383,7 @@ def main():
         print("MTP module as trained (--align-steps 0)")
     print(
         f"greedy, {new_tokens} new tokens, {args.threads} threads, {args.dtype} {args.device}, decode-only tokens/s "
-        f"(prefill subtracted), median of {repeats}\n"
+        f"(timed from the first new token), median of {repeats}\n"
     )
 
     work = Path(tempfile.mkdtemp(prefix="bench_decode_"))

@@ -185,11 +185,11 @@ def decode_rows(model_dir: Path, ids: torch.Tensor, args) -> dict:
     bench_decode.generate_seconds(model, ids[: args.prompt_len][None], 2)  # warm-up
     for start in tqdm(starts, desc="decoding held-out prompts", unit="prompt"):
         prompt = ids[start : start + args.prompt_len][None]
-        rate, plain = bench_decode.decode_rate(model, prompt, args.new_tokens, args.repeats)
-        plain_seconds += (args.new_tokens - 1) / rate
-        rate, spec = bench_decode.decode_rate(model, prompt, args.new_tokens, args.repeats, use_mtp=True)
-        mtp_seconds += (args.new_tokens - 1) / rate
-        stats = model.last_mtp_stats
+        runs = {"plain": (model, {}), "mtp": (model, {"use_mtp": True})}
+        rates, last = bench_decode.decode_rates(runs, prompt, args.new_tokens, args.repeats)
+        plain_seconds += (args.new_tokens - 1) / rates["plain"]
+        mtp_seconds += (args.new_tokens - 1) / rates["mtp"]
+        (plain, _), (spec, stats) = last["plain"], last["mtp"]
         accepted, drafted, steps = accepted + stats.accepted, drafted + stats.drafted, steps + stats.steps_rows
         identical &= torch.equal(plain, spec)
     tokens = len(starts) * (args.new_tokens - 1)

@@ -535,7 +535,7 @@ class MoeMtpExperts(nn.Module):
                 and not torch.is_grad_enabled()
                 and not self._is_expert_parallel
                 and not isinstance(gate_up, DTensor)
-                and top_k_index.numel() * 4 <= self.num_experts
+                and top_k_index.numel() <= max(4, self.num_experts // 4)
             ):
                 self.last_path = "sliced"
                 return self.sliced(hidden_states, top_k_index, top_k_weights, gate_up, down)
@@ -546,11 +546,12 @@ class MoeMtpExperts(nn.Module):
         return per_expert_forward(self, hidden_states, top_k_index, top_k_weights, weights)
 
     def sliced(self, tokens, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
-        """Decode-sized CPU steps without autograd (at most a quarter as many slots as experts): each slot runs two
-        GEMVs on its expert's slices. CPU's grouped GEMM visits every expert, most of them without a row, and
+        """Decode-sized CPU steps without autograd (at most a quarter as many slots as experts, or 4): each slot runs
+        two GEMVs on its expert's slices. CPU's grouped GEMM visits every expert, most of them without a row, and
         gathering the experts' weights for a batched matmul copies them; both measured slower (`bench_model.py`'s
         sweep; the loop's cost grows with the slots, and at 256 experts it passes the grouped GEMM's between 32 and
-        128 slots). On CUDA the loop would need the expert ids on the host, a sync per layer."""
+        128 slots; at 8 experts, between 4 and 8, so a 2-token verify step with top-2 stays here). On CUDA the loop
+        would need the expert ids on the host, a sync per layer."""
         top_k = top_k_index.shape[1]
         dtype = gate_up.dtype
         rows, weights = tokens.to(dtype), top_k_weights.to(dtype)

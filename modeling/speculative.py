@@ -148,6 +148,7 @@ class _SpeculativeDecoder:
         # Drafting uses min(modules, drafts) modules; extra drafts reuse the last one.
         self.num_modules = min(len(model.model.mtp_layers), num_drafts)
         self.mtp_cache = DynamicCache()
+        self.hold_stream = False
         self.stats = MtpDecodingStats(drafted_per_position=[0] * num_drafts, accepted_per_position=[0] * num_drafts)
         # Fast paths for what `generate` adds by default. Per step, a plain step calls the processors and criteria
         # once; called position by position here they cost a fifth of a small model's step (measured), so the
@@ -270,6 +271,9 @@ class _SpeculativeDecoder:
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.main_forward(input_ids, positions)
         first, _ = self.choose(self.process(self.logits(hidden[:, -1:]))[:, 0])
+        # The first token streams once the MTP caches hold the prompt too: a streamer timestamping tokens then sees
+        # the whole prefill before it, as with plain generate.
+        self.hold_stream = True
         self.commit(first[:, None], torch.zeros(batch_size, dtype=torch.long))
         self.pending, self.next_position = first, positions[:, -1] + 1
         self.mtp_masks = [torch.zeros(batch_size, 0, dtype=torch.long, device=device)] * self.num_modules
@@ -277,6 +281,8 @@ class _SpeculativeDecoder:
         last_slot = torch.full((batch_size,), prompt_len - 1, dtype=torch.long, device=device)
         next_tokens = torch.cat((input_ids[:, 1:], first[:, None]), dim=1)
         self.catch_up(hidden, next_tokens, positions, self.mask.bool(), last_slot)
+        self.hold_stream = False
+        self.stream()
 
         while not self.done():
             drafts, draft_probs = self.draft()
@@ -449,7 +455,7 @@ class _SpeculativeDecoder:
 
     def stream(self, final: bool = False):
         """Streams generated columns once every row has them, one `put` per column, as plain generate does."""
-        if self.streamer is None:
+        if self.streamer is None or self.hold_stream:
             return
         final_length = int(self.sequences_length()) if final else None
         available = self.lengths.clone()
