@@ -69,7 +69,8 @@ bench: $(INSTALL_STAMP)
 # 1. writes a code corpus from this Python's own stdlib sources (moe_mtp.corpora; held-out files kept apart);
 # 2. trains a small MoE+MTP code model on it from scratch (python -m moe_mtp.train), 8 thin layers so that the
 #    MTP module is a small share of a decoding step;
-# 3. re-aligns its MTP module on the model's own predictions (--mtp-only; the main model is left bit-identical);
+# 3. re-aligns its MTP module on the model's own predictions (--mtp-only; the main model is left bit-identical)
+#    and saves the faster of 1 or 2 drafts per step, timed on held-out prompts;
 # 4. generates on held-out files with and without MTP speculation, before and after, and prints acceptance and
 #    the speed ratio. `--resume` makes a second `make quickstart` reuse the finished run in QUICKSTART_DIR.
 # A test runs it with QUICKSTART_ARGS=--smoke GENERATE_ARGS=--smoke.
@@ -79,10 +80,10 @@ QUICKSTART_MODEL ?= --num-layers 8 --hidden-size 192 --intermediate-size 384 --m
 	--q-lora-rank 96 --kv-lora-rank 64 --lr 2e-3
 # Sized to the 8-minute budget on 2 cores, venv included (docs/claims.md has the timed run).
 QUICKSTART_ARGS ?= --max-steps 320 --eval-every 80 --eval-batches 8 --save-every 160
-ALIGN_ARGS ?= --max-steps 120 --eval-batches 8 --acceptance-prompts 4
+ALIGN_ARGS ?= --max-steps 120 --eval-batches 8 --acceptance-prompts 4 --max-mtp-drafts 2
 # Data flags both training and re-alignment need, so that they share one token store and held-out split.
 QUICKSTART_DATA ?=
-GENERATE_ARGS ?= --num-prompts 12 --max-new-tokens 48 --repeats 2
+GENERATE_ARGS ?= --num-prompts 12 --max-new-tokens 48 --repeats 1
 
 quickstart: $(INSTALL_STAMP)
 	$(PY) -m moe_mtp.corpora stdlib-code $(QUICKSTART_DIR)/corpus --max-bytes $(QUICKSTART_CORPUS_BYTES)
