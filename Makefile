@@ -34,7 +34,8 @@ test-newest: $(INSTALL_STAMP)
 test-oldest:
 	$(MAKE) --no-print-directory test-newest VENV=$(OLDEST_VENV) CONSTRAINTS=$(OLDEST_CONSTRAINTS)
 
-# transformers' ModelTesterMixin, ConfigTester and TrainingTesterMixin, from the sdist of the installed release.
+# transformers' ModelTesterMixin, ConfigTester, TrainingTesterMixin and its tensor-, expert- and FSDP-parallel mixins
+# (2 gloo CPU ranks), from the sdist of the installed release.
 test-transformers: $(INSTALL_STAMP)
 	$(PY) tests/transformers_common/prepare.py $(VENV)/transformers-tests
 	MOE_MTP_TRANSFORMERS_TESTS=$(VENV)/transformers-tests RUN_TRAINING_TESTS=1 \

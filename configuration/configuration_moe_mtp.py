@@ -43,9 +43,10 @@ class MoeMtpConfig(PretrainedConfig):
     # (docs/distributed.md). Tensor parallelism splits attention by heads (q_b/kv_b column-wise, o_proj row-wise;
     # the rope half of kv_a_proj_with_mqa skips kv_b_proj, so its gradient is summed over ranks) and the dense and
     # shared MLPs by width, in the main layers and the MTP modules alike. Routed experts are split whole, by expert
-    # (`base_model_ep_plan`). The router, norms, embedding and eh_proj stay replicated; lm_head, which the MTP
-    # modules share, is split by vocabulary with its output gathered (`_tp_plan` on the causal LM). The tensor
-    # parallel plan is a property: it names only modules this config builds (q_proj or q_b_proj, dense MLPs).
+    # (`base_model_ep_plan`). The router, norms and eh_proj stay replicated; lm_head, which the MTP modules share,
+    # is split by vocabulary with its output gathered (`_tp_plan` on the causal LM), and transformers adds
+    # `embedding_rowwise` for embed_tokens (also shared) to every plan. The tensor parallel plan is a property: it
+    # names only modules this config builds (q_proj or q_b_proj, dense MLPs).
     base_model_ep_plan = {
         f"{stack}.*.mlp.experts{name}": style
         for stack in ("layers", "mtp_layers")

@@ -510,6 +510,10 @@ class MoeMtpExperts(nn.Module):
     """
 
     holds_no_routers = True  # the balancing code's router search skips these modules
+    # The layout flags transformers' experts modules declare: gate and up fused in `gate_up_proj`, no biases.
+    # transformers' tooling finds experts modules by them (its parallelism tests check that the EP plan shards them).
+    has_gate = True
+    has_bias = False
 
     def __init__(self, config: MoeMtpConfig):
         super().__init__()

@@ -165,6 +165,25 @@ def test_experts_are_two_3d_parameters_saved_under_per_expert_keys(tmp_path):
     assert not any("gate_up" in k or k.endswith("experts.down_proj") for k in keys)
 
 
+def test_experts_declare_transformers_layout_and_the_expert_parallel_plan_shards_them():
+    """transformers finds experts modules by the layout flags its own declare (`has_gate`, as
+    `_get_expert_weight_names` in its parallelism tests does); every 3-D expert parameter, the MTP module's included,
+    must be named by the expert-parallel plan, or each rank would keep every expert without any output changing."""
+    from transformers.distributed.parallel_utils import _get_parameter_plan
+
+    model = make_model()
+    params = dict(model.named_parameters())
+    names = [
+        f"{name}.{part}"
+        for name, module in model.named_modules()
+        if getattr(module, "has_gate", False) and not module.has_bias
+        for part in ("gate_up_proj", "down_proj")
+        if f"{name}.{part}" in params
+    ]
+    assert len(names) == 2 * MOE_LAYERS and any(n.startswith("model.mtp_layers.") for n in names), names
+    assert all(_get_parameter_plan(n, model.ep_plan, is_weight=True) == "grouped_gemm" for n in names), model.ep_plan
+
+
 def test_fuse_expert_keys_stacks_what_the_model_holds():
     model = make_model()
     from moe_mtp.conversion import convert_state_dict

@@ -11,7 +11,8 @@ MIXINS = os.environ.get("MOE_MTP_TRANSFORMERS_TESTS")
 
 # Markers the mixins use (transformers registers them in its own repository's conftest).
 MARKERS = ("torch_compile_test", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "is_training_test",
-           "is_tensor_parallel_test", "generate", "torch_export_test", "accelerate_tests", "slow")  # fmt: skip
+           "is_tensor_parallel_test", "is_expert_parallel_test", "is_fsdp_test", "generate", "torch_export_test",
+           "accelerate_tests", "slow")  # fmt: skip
 
 
 def pytest_configure(config):

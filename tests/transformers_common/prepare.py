@@ -3,7 +3,8 @@
 transformers publishes its common model tests (`ModelTesterMixin`, `ConfigTester`, `TrainingTesterMixin`, the
 parallelism mixins) only in its source distribution. This script downloads the sdist of exactly the installed
 version with pip, extracts its top-level `tests/*.py` into DEST/transformers_tests/ (a package, so the mixins'
-relative imports work), and writes stand-ins for the three modules those files import but the sdist does not ship:
+relative imports work), and writes the modules those files import but the sdist does not ship: stand-ins for three
+of them, and our own launcher for the parallelism mixins:
 
 - `generation/test_utils.py`: `GenerationTesterMixin`, an empty class. The generation tests need model tests from
   transformers' repository that the sdist leaves out; moe-mtp's own suite covers `generate` (tests/test_speculative.py,
@@ -11,8 +12,12 @@ relative imports work), and writes stand-ins for the three modules those files i
 - `exporters/test_export.py`: `ExportTesterMixin`, an empty class (torch.export tests, likewise not shipped).
 - `utils/test_configuration_utils.py`: `config_common_kwargs`, non-default values for `PreTrainedConfig`'s common
   arguments, which `ConfigTester.check_config_arguments_init` sets and reads back.
+- `distributed_testing_utils.py`: a copy of distributed_testing_utils.py next to this script, the process launcher
+  (`run_distributed`, `_start_rank_processes` and device helpers) that the tensor-, expert- and FSDP-parallel mixins
+  import.
 
-Usage: python tests/transformers_common/prepare.py DEST   (prints DEST; does nothing when DEST is already complete)
+Usage: python tests/transformers_common/prepare.py DEST   (prints DEST; downloads nothing when DEST is already
+complete, but always rewrites the files above, so that edits to them reach an existing DEST)
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import transformers
 
 PACKAGE = "transformers_tests"
 COMPLETE = ".complete"
+# Imported by the parallelism mixins as `.distributed_testing_utils`; not in the sdist.
+LAUNCHER = Path(__file__).with_name("distributed_testing_utils.py")
 
 STUBS = {
     "generation/test_utils.py": '''"""Stand-in written by moe-mtp: the sdist does not ship transformers' generation tests."""
@@ -67,9 +74,23 @@ config_common_kwargs = {
 }
 
 
+def write_own_files(package: Path) -> None:
+    """The modules moe-mtp supplies to the extracted package (stand-ins and the distributed launcher)."""
+    files = dict(STUBS)
+    files[LAUNCHER.name] = LAUNCHER.read_text()
+    for relative, text in files.items():
+        path = package / relative
+        if path.parent != package:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (path.parent / "__init__.py").write_text("")
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+
+
 def prepare(dest: Path) -> Path:
     package = dest / PACKAGE
     if (dest / COMPLETE).exists():
+        write_own_files(package)
         return dest
     version = transformers.__version__
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,11 +111,7 @@ def prepare(dest: Path) -> Path:
         if not (staging / "test_modeling_common.py").exists():
             raise SystemExit(f"prepare.py: {sdist.name} has no tests/test_modeling_common.py; cannot run the mixins")
         (staging / "__init__.py").write_text("")
-        for relative, text in STUBS.items():
-            path = staging / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            (path.parent / "__init__.py").write_text("")
-            path.write_text(text)
+        write_own_files(staging)
         if package.exists():
             shutil.rmtree(package)
         dest.mkdir(parents=True, exist_ok=True)
