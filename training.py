@@ -212,4 +212,58 @@ def apply_schedules(config, schedules: dict[str, StepSchedule], step: int, total
         setattr(config, name, schedule(step, total_steps))
 
 
-__all__ = ["LossRecorder", "MoeMtpCallback", "StepSchedule", "apply_schedules", "find_moe_mtp_model"]
+def _mesh_of(tensor: torch.Tensor):
+    """The device mesh of a DTensor, None for a plain tensor."""
+    return getattr(tensor, "device_mesh", None)
+
+
+def split_groups_by_mesh(groups: list[dict]) -> list[dict]:
+    """Optimizer parameter groups split so that each holds plain tensors or DTensors of one device mesh only.
+
+    A model loaded with a `distributed_config` mixes them: under tensor parallelism the replicated parameters stay plain
+    tensors beside the sharded DTensors, and expert parallelism puts the routed experts on a mesh of their own. torch's
+    fused and foreach optimizer kernels take one list per group and refuse such a mix ("got mixed torch.Tensor and
+    DTensor"); one group per mesh keeps them. Each group keeps its other options (weight decay, ...)."""
+    split = []
+    for group in groups:
+        by_mesh: dict = {}
+        for param in group["params"]:
+            by_mesh.setdefault(_mesh_of(param), []).append(param)
+        split.extend({**group, "params": params} for params in by_mesh.values())
+    return split
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for a model loaded with a `distributed_config`, whose gradients may be plain
+    tensors and DTensors on several device meshes, which torch's version cannot stack. The norm is taken per mesh
+    (each already reduced over its ranks, so it is the norm of the full gradient), then combined: every rank gets
+    the same total and scales by the same factor. Returns the total norm before clipping (a plain tensor)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    by_mesh: dict = {}
+    for grad in grads:
+        by_mesh.setdefault(_mesh_of(grad), []).append(grad)
+    norms = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    if max_norm and max_norm != float("inf"):
+        scale = float((max_norm / (total + 1e-6)).clamp(max=1.0))
+        if scale < 1.0:
+            for grad in grads:
+                grad.mul_(scale)
+    return total
+
+
+__all__ = [
+    "LossRecorder",
+    "MoeMtpCallback",
+    "StepSchedule",
+    "apply_schedules",
+    "clip_grad_norm_",
+    "find_moe_mtp_model",
+    "split_groups_by_mesh",
+]
