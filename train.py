@@ -4,6 +4,8 @@
     python -m moe_mtp.train --data corpus.txt --output-dir outputs/run1
     accelerate launch --config_file examples/accelerate/ddp.yaml -m moe_mtp.train --data corpus.jsonl
     torchrun --nproc_per_node 2 -m moe_mtp.train --smoke           # DDP (gloo on CPU)
+    torchrun --nproc_per_node 2 -m moe_mtp.train --smoke --tp-size 2 --ep-size 2   # transformers' TP + EP
+    torchrun --nproc_per_node 2 -m moe_mtp.train --smoke --fsdp-size 2             # transformers' FSDP2
 
 Without `--data` the corpus is the English text of the stdlib's `pydoc_data/topics.py`. The corpus is tokenized once
 into a memory-mapped token store in a cache folder, reused by later runs and every process (a byte-level BPE is
@@ -41,8 +43,8 @@ from .configuration import MoeMtpConfig
 from .data import Corpus
 from .hub import TRAINING_SUMMARY
 from .modeling import MoeMtpForCausalLM
-from .modeling.balancing import named_routers, take_balance_metrics
-from .training import LossRecorder, StepSchedule, apply_schedules
+from .modeling.balancing import balancing_state, named_routers, take_balance_metrics
+from .training import LossRecorder, StepSchedule, apply_schedules, clip_grad_norm_, split_groups_by_mesh
 
 CHECKPOINTS = "checkpoints"
 PLOTS = ("loss.png", "expert_load.png")
@@ -129,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--bias-update-speed", default="1e-3,0@0.97", help="Balancing speed gamma schedule.")
     recipe.add_argument("--seq-aux-loss-alpha", type=float, default=1e-4, help="Sequence-wise balance loss weight.")
     optim = p.add_argument_group("optimization")
+    optim.add_argument(
+        "--optimizer",
+        choices=["adamw", "sgd"],
+        default="adamw",
+        help="AdamW (the recipe), or plain SGD (no momentum), which shows a sum-vs-mean gradient mistake that "
+        "AdamW's normalization hides: what the parity tests against one process use.",
+    )
     optim.add_argument("--max-steps", type=int, default=300, help="Optimizer steps.")
     optim.add_argument("--batch-size", type=int, default=8, help="Blocks per micro-batch per process.")
     optim.add_argument("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
@@ -146,6 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bf16 on GPUs that support it, else fp32.",
     )
     optim.add_argument("--activation-checkpointing", action="store_true")
+    parallel = p.add_argument_group(
+        "sharded engines (under torchrun; the model is loaded through transformers' DistributedConfig, "
+        "docs/distributed.md)"
+    )
+    parallel.add_argument(
+        "--tp-size", type=int, default=1, help="Tensor-parallel ranks (attention heads, dense and shared MLPs)."
+    )
+    parallel.add_argument(
+        "--ep-size",
+        type=int,
+        default=1,
+        help="Expert-parallel ranks: each holds n_routed_experts / ep_size whole experts. A multiple of --tp-size "
+        "that divides --tp-size x --fsdp-size.",
+    )
+    parallel.add_argument(
+        "--fsdp-size",
+        type=int,
+        default=1,
+        help="FSDP2 ranks (data parallel, parameters, gradients and optimizer states sharded). "
+        "--tp-size x --fsdp-size must equal the number of processes.",
+    )
     loop = p.add_argument_group("logging, eval, checkpoints")
     loop.add_argument("--log-every", type=int, default=10)
     loop.add_argument("--eval-every", type=int, default=100, help="Eval perplexity every N steps (and at the end).")
@@ -154,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--keep-checkpoints", type=int, default=2, help="Complete checkpoints kept.")
     mtp_align.add_arguments(p)
     return p
+
+
+PARALLEL_FLAGS = ("tp_size", "ep_size", "fsdp_size")
+
+
+def sharded_requested(args) -> bool:
+    """Whether the run loads the model through transformers' `DistributedConfig` (any of the sizes above 1)."""
+    return any(getattr(args, name, 1) > 1 for name in PARALLEL_FLAGS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -165,6 +203,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "tokenizer_sample_bytes"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in PARALLEL_FLAGS:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if sharded_requested(args):
+        flags = " ".join(f"--{n.replace('_', '-')} {getattr(args, n)}" for n in PARALLEL_FLAGS if getattr(args, n) > 1)
+        if args.mtp_only or args.add_mtp is not None:
+            parser.error(f"{flags}: --mtp-only/--add-mtp run in one process or under DDP only")
+        if args.mixed_precision == "fp16":
+            parser.error(f"{flags}: --mixed-precision fp16 needs a gradient scaler, which the sharded engines lack here; "
+                         "use bf16 or no")  # fmt: skip
     if args.streaming and not args.eval_batches:
         parser.error("--eval-batches 0 (every held-out block) needs the token store; give a number with --streaming")
     if not 0 < args.eval_fraction < 1:
@@ -236,9 +284,13 @@ def load_tokenizer(args, accelerator, corpus: Corpus, output_dir: Path, resume_f
     return AutoTokenizer.from_pretrained(run_copy)
 
 
-def prepare_data(args, accelerator, output_dir: Path, resume_from: Path | None) -> SimpleNamespace:
+def prepare_data(
+    args, accelerator, output_dir: Path, resume_from: Path | None, dp_world: int | None = None
+) -> SimpleNamespace:
     """The tokenizer, the training blocks (a memory-mapped store, or a stream), the held-out blocks, the data key
-    kept in checkpoints, and facts for the summary."""
+    kept in checkpoints, and facts for the summary. `dp_world`: the data-parallel replicas that split each batch
+    (the processes, unless tensor-parallel groups share batches)."""
+    dp_world = accelerator.num_processes if dp_world is None else dp_world
     start = time.perf_counter()
     corpus = Corpus.from_args(args)
     tokenizer = load_tokenizer(args, accelerator, corpus, output_dir, resume_from)
@@ -247,9 +299,9 @@ def prepare_data(args, accelerator, output_dir: Path, resume_from: Path | None) 
     if args.streaming:
         train_blocks = token_data.StreamedBlocks(
             corpus, tokenizer, args.seq_len, args.eval_fraction, args.batch_size, args.grad_accum,
-            accelerator.num_processes, args.seed, args.shuffle_buffer,
+            dp_world, args.seed, args.shuffle_buffer,
         )  # fmt: skip
-        wanted = args.eval_batches * args.batch_size * accelerator.num_processes
+        wanted = args.eval_batches * args.batch_size * dp_world
         eval_blocks = token_data.streamed_eval_blocks(corpus, tokenizer, args.seq_len, args.eval_fraction, wanted)
         eval_tokens = len(eval_blocks) * args.seq_len
     else:
@@ -317,6 +369,156 @@ def build_model(args, tokenizer) -> MoeMtpForCausalLM:
     return MoeMtpForCausalLM(config)
 
 
+# ------------------------------------------------------------------------------------------------- sharded engines
+
+SHARDED_STATE = "sharded_state"  # a checkpoint's model and optimizer under --tp/--ep/--fsdp-size (DCP files)
+
+
+def model_shape(args) -> tuple[int, int] | None:
+    """(routed experts, attention heads) of the model this run trains, for checking the parallel sizes; None when
+    --model is not a local folder (transformers' own checks then apply)."""
+    if not args.model:
+        return args.n_routed_experts, args.num_heads
+    if not Path(args.model).is_dir():
+        return None
+    from .conversion import read_config_dict
+
+    saved = read_config_dict(args.model, mtp_from_weights=False)
+    return saved["n_routed_experts"], saved["num_attention_heads"]
+
+
+def parallel_layout(args, world_size: int, rank: int) -> SimpleNamespace:
+    """How the processes share the work. `config` is the `DistributedConfig` the model is loaded with (None: one
+    process, or DDP through accelerate); `dp_rank` of `dp_world` says which slice of every global batch this process
+    reads. The ranks of one tensor-parallel group (expert parallelism inside it included) hold one model replica
+    between them and read the same batch; the FSDP ranks read their own. transformers lays the ranks out as
+    (fsdp, tp), tensor-parallel ranks adjacent, so the data-parallel rank is rank // tp_size (checked against the
+    model's device mesh once it is loaded, see `check_layout`)."""
+    if not sharded_requested(args):
+        return SimpleNamespace(config=None, dp_rank=rank, dp_world=world_size, sizes=None)
+    tp, ep, fsdp = args.tp_size, args.ep_size, args.fsdp_size
+    if ep > 1 and ep % tp:
+        raise SystemExit(f"--ep-size {ep} must be a multiple of --tp-size {tp} (the ranks of a tensor-parallel group "
+                         "share one batch, whose tokens their experts split)")  # fmt: skip
+    if ep > 1 and (tp * fsdp) % ep:
+        raise SystemExit(f"--ep-size {ep} must divide --tp-size x --fsdp-size = {tp * fsdp}: expert parallelism "
+                         "splits the experts over those ranks (e.g. --tp-size 2 --ep-size 2, or --fsdp-size 2 "
+                         "--ep-size 2 on 2 processes)")  # fmt: skip
+    if tp * fsdp != world_size:
+        raise SystemExit(
+            f"--tp-size {tp} x --fsdp-size {fsdp} = {tp * fsdp} processes, but {world_size} were launched: start "
+            f"{tp * fsdp} (torchrun --nproc_per_node {tp * fsdp}), or choose sizes whose product is {world_size}"
+        )
+    shape = model_shape(args)
+    if shape is not None:
+        experts, heads = shape
+        if ep > 1 and experts % ep:
+            where = args.model or "--n-routed-experts"
+            raise SystemExit(f"--ep-size {ep} must divide the model's {experts} routed experts ({where}): every "
+                             "expert-parallel rank holds the same number of whole experts")  # fmt: skip
+        if tp > 1 and heads % tp:
+            where = args.model or "--num-heads"
+            raise SystemExit(f"--tp-size {tp} must divide the model's {heads} attention heads ({where}): tensor "
+                             "parallelism splits attention by heads")  # fmt: skip
+    from transformers.distributed import DistributedConfig
+
+    config = DistributedConfig(tp_size=tp, ep_size=ep, fsdp_size=fsdp)
+    sizes = {"tp_size": tp, "ep_size": ep, "fsdp_size": fsdp}
+    return SimpleNamespace(config=config, dp_rank=rank // tp, dp_world=world_size // tp, sizes=sizes)
+
+
+def build_sharded_model(args, tokenizer, distributed_config) -> MoeMtpForCausalLM:
+    """The model loaded through `from_pretrained(..., distributed_config=...)`: transformers applies the config's
+    TP/EP plans and FSDP2, and each rank keeps its shards. From scratch, every process first builds the whole model
+    from the same seed (the weights one process would train), which is then loaded, sharded, from memory."""
+    if args.model:
+        return MoeMtpForCausalLM.from_pretrained(args.model, dtype=torch.float32, distributed_config=distributed_config)
+    whole = build_model(args, tokenizer)
+    model = MoeMtpForCausalLM.from_pretrained(
+        None, config=whole.config, state_dict=whole.state_dict(), dtype=torch.float32,
+        distributed_config=distributed_config,
+    )  # fmt: skip
+    model.config._name_or_path = model.name_or_path = ""  # loading from a state dict leaves the string 'None'
+    # transformers keeps the key mappings a load used, to undo them at save; this load read the in-memory 3-D
+    # expert keys and used none, which would save those instead of the per-expert keys on disk. Without a record,
+    # the save applies the class's mapping, as it does for the model built in one process.
+    model._weight_conversions = None
+    return model
+
+
+def check_layout(model, layout: SimpleNamespace, rank: int) -> None:
+    """The data split assumes transformers' rank layout; a silent change would feed the wrong ranks the same data."""
+    mesh = model._device_mesh
+    if mesh is None:
+        raise RuntimeError("the model was loaded without a device mesh: the sharded engines are not active")
+    fsdp_rank = mesh.get_local_rank("fsdp") if layout.sizes["fsdp_size"] > 1 else 0
+    tp_rank = mesh.get_local_rank("tp") if layout.sizes["tp_size"] > 1 else 0
+    if (fsdp_rank, tp_rank) != (layout.dp_rank, rank % layout.sizes["tp_size"]):
+        raise RuntimeError(
+            f"rank {rank} sits at fsdp {fsdp_rank}, tp {tp_rank} of the model's device mesh, not at "
+            f"{layout.dp_rank}, {rank % layout.sizes['tp_size']} as the data split assumes"
+        )
+
+
+def sharding_record(model) -> dict:
+    """What this rank holds, for the summary: a silent fallback to a replicated model shows as 0 DTensors and all
+    the elements local."""
+    from .modeling.modeling_moe_mtp import MoeMtpExperts
+
+    def local(tensor):
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    params = [p for _, p in model.named_parameters()]
+    experts = [m for m in model.modules() if isinstance(m, MoeMtpExperts)]
+    return {
+        "dtensor_parameters": sum(hasattr(p, "to_local") for p in params),
+        "parameters": len(params),
+        "local_elements": sum(local(p).numel() for p in params),
+        "elements": sum(p.numel() for p in params),
+        "experts_held": [e.num_experts for e in experts],  # whole experts this rank runs (expert parallelism)
+        "expert_rows": [local(e.gate_up_proj).shape[0] for e in experts],  # stored here (FSDP shards them too)
+        "expert_path": sorted({e.last_path for e in experts if e.last_path}),
+    }
+
+
+def save_sharded_state(model, optimizer, folder: Path) -> None:
+    """The model and optimizer of a sharded run, with torch.distributed.checkpoint: every rank writes its shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def load_sharded_state(model, optimizer, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from .modeling.balancing import automatic_bias_update
+
+    # A fresh optimizer has no states to load into: get_state_dict creates them with one step at lr 0, which must
+    # not count as a balancing step.
+    with automatic_bias_update(False):
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+@contextlib.contextmanager
+def deferred_fsdp_sync(model):
+    """No gradient reduce-scatter until the last micro-batch (FSDP2's own `no_sync`); nothing to defer otherwise."""
+    set_sync = getattr(model, "set_requires_gradient_sync", None)
+    if set_sync is None:
+        yield
+        return
+    set_sync(False)
+    try:
+        yield
+    finally:
+        set_sync(True)
+
+
 # ------------------------------------------------------------------------------------------------------ checkpoints
 
 
@@ -327,9 +529,12 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, history: dict, keep: int) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: Path, step: int, state: dict, history: dict, keep: int, sharded=None
+) -> Path:
     """Writes into `step-N.partial` then renames it: a killed run leaves either a whole checkpoint or a `.partial`
-    folder, which the next run deletes."""
+    folder, which the next run deletes. `sharded`: the (model, optimizer) of a --tp/--ep/--fsdp-size run, which
+    accelerate does not hold; they go to `SHARDED_STATE` through torch.distributed.checkpoint."""
     final = output_dir / CHECKPOINTS / f"step-{step:08d}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
@@ -337,6 +542,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, histo
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))  # model, optimizer and every process's RNG states
+    if sharded is not None:
+        save_sharded_state(*sharded, partial / SHARDED_STATE)
     accelerator.wait_for_everyone()  # all of them written before the rename
     if accelerator.is_main_process:
         write_json(partial / "trainer_state.json", state)
@@ -348,6 +555,24 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, histo
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def check_resume_layout(resume_from: Path, saved: dict, layout: SimpleNamespace) -> None:
+    """A checkpoint resumes only under the parallel sizes that wrote it: a sharded run's model and optimizer are
+    DCP files (`SHARDED_STATE`), a single-process or DDP run's are accelerate's."""
+    ones = dict.fromkeys(PARALLEL_FLAGS, 1)
+    then, now = saved.get("parallel") or ones, layout.sizes or ones
+    if then != now:
+
+        def flags(sizes):
+            return " ".join(f"--{name.replace('_', '-')} {sizes[name]}" for name in PARALLEL_FLAGS)
+
+        raise SystemExit(
+            f"--resume {resume_from}: that run used {flags(then)}, this one {flags(now)}; resume with the same sizes "
+            "(a sharded run's checkpoint holds its model and optimizer as torch.distributed.checkpoint shards)"
+        )
+    if layout.sizes and not (resume_from / SHARDED_STATE).is_dir():
+        raise SystemExit(f"--resume {resume_from}: no {SHARDED_STATE} folder, which a sharded run's checkpoint has")
 
 
 def save_model_states(models, weights, output_dir) -> None:
@@ -450,15 +675,25 @@ def prepare_output_dir(args, accelerator) -> Path | None:
 # --------------------------------------------------------------------------------------------------------- the loop
 
 
-def evaluate(model, blocks: token_data.Blocks, args, accelerator) -> dict[str, float]:
-    """Perplexity of the main head over the held-out blocks (split over processes), and each MTP depth's loss."""
+def evaluate(model, blocks: token_data.Blocks, args, accelerator, layout=None) -> dict[str, float]:
+    """Perplexity of the main head over the held-out blocks (split over processes), and each MTP depth's loss.
+
+    `layout` (a sharded run): the blocks are split over the data-parallel ranks, the ranks of a tensor-parallel group
+    reading the same ones, and every rank gets as many (the sharded forward is collective: a rank with one batch
+    more would wait forever), so up to dp_world - 1 blocks are left out. The sums over all ranks count each block
+    tp_size times, in the loss and the block count alike."""
     model.eval()
-    mine = list(range(accelerator.process_index, len(blocks), accelerator.num_processes))
+    rank, world = (
+        (layout.dp_rank, layout.dp_world) if layout else (accelerator.process_index, accelerator.num_processes)
+    )
+    mine = list(range(rank, len(blocks), world))
+    if layout is not None:
+        mine = mine[: len(blocks) // world]
     if args.eval_batches:
         mine = mine[: args.eval_batches * args.batch_size]
     depth = accelerator.unwrap_model(model).config.num_nextn_predict_layers
     totals = torch.zeros(2 + depth, dtype=torch.float64, device=accelerator.device)  # sums of loss * batches, batches
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast() if layout else contextlib.nullcontext():
         for start in range(0, len(mine), args.batch_size):
             batch = blocks[mine[start : start + args.batch_size]].to(accelerator.device)
             output = model(input_ids=batch, labels=batch, output_mtp_logits=depth > 0)
@@ -474,10 +709,13 @@ def evaluate(model, blocks: token_data.Blocks, args, accelerator) -> dict[str, f
     return result
 
 
-def state_fingerprint(model) -> str:
-    """A hash of every parameter and buffer, to check that data-parallel replicas agree."""
+def state_fingerprint(model, replicated_only: bool = False) -> str:
+    """A hash of every parameter and buffer, to check that data-parallel replicas agree. `replicated_only` (a
+    sharded model): of what every rank holds whole, the balancing biases among it, skipping the DTensor shards."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if replicated_only and hasattr(tensor, "to_local"):
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -501,56 +739,73 @@ def train(args) -> dict:
         cpu=args.cpu or not torch.cuda.is_available(),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    # --tp/--ep/--fsdp-size: transformers shards the model (DistributedConfig); accelerate only runs the processes.
+    layout = parallel_layout(args, accelerator.num_processes, accelerator.process_index)
+    sharded = layout.config is not None
     resume_from = prepare_output_dir(args, accelerator)
+    if resume_from is not None:
+        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        check_resume_layout(resume_from, saved, layout)
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
 
-    data = prepare_data(args, accelerator, output_dir, resume_from)
+    data = prepare_data(args, accelerator, output_dir, resume_from, layout.dp_world)
     tokenizer, eval_blocks = data.tokenizer, data.eval_blocks
-    blocks_per_step = args.batch_size * args.grad_accum * accelerator.num_processes
+    blocks_per_step = args.batch_size * args.grad_accum * layout.dp_world
     if args.streaming:
         num_train_blocks, draw = None, data.train.micro_batch
     else:
         num_train_blocks = len(data.train)
-        sampler = BlockSampler(num_train_blocks, args.batch_size, args.grad_accum, accelerator.num_processes, args.seed)
+        sampler = BlockSampler(num_train_blocks, args.batch_size, args.grad_accum, layout.dp_world, args.seed)
 
         def draw(step: int, micro: int, rank: int) -> torch.Tensor:
             return data.train[sampler.micro_batch(step, micro, rank)]
 
-    model = build_model(args, tokenizer)
+    if sharded:
+        model = build_sharded_model(args, tokenizer, layout.config)
+        check_layout(model, layout, accelerator.process_index)
+    else:
+        model = build_model(args, tokenizer)
     model.config.seq_aux_loss_alpha = args.seq_aux_loss_alpha
     if args.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if sharded:  # plain tensors and each device mesh's DTensors in groups of their own (one fused call each)
+        groups = split_groups_by_mesh(groups)
     # One kernel call for all parameters: the routed experts are hundreds of small tensors per layer, and the
     # default per-tensor loop took a third of a step at DeepSeek-V3's 256 experts (benchmarks/bench_train.py).
     fused = accelerator.device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(args.adam_beta1, args.adam_beta2),
-        fused=fused,
-    )
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.lr)  # foreach: DTensors have no fused SGD kernel
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
     # Not handed to accelerate: its wrapper steps the schedule once per process, and ours follows optimizer steps.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, args.warmup_steps, args.max_steps, min_lr_rate=args.min_lr_ratio
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if accelerator.distributed_type != DistributedType.FSDP:  # FSDP checkpoints go through accelerate's FSDP path
-        accelerator.register_save_state_pre_hook(save_model_states)
-        accelerator.register_load_state_pre_hook(load_model_states)
-    core = accelerator.unwrap_model(model)
+    if sharded:
+        # Not prepared: accelerate would wrap the DTensor model in DDP. The optimizer steps the sharded parameters
+        # itself, and its step hook moves the balancing bias (loads summed over ranks / tp_size, modeling/balancing.py).
+        core = model
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if accelerator.distributed_type != DistributedType.FSDP:  # FSDP checkpoints go through accelerate's FSDP path
+            accelerator.register_save_state_pre_hook(save_model_states)
+            accelerator.register_load_state_pre_hook(load_model_states)
+        core = accelerator.unwrap_model(model)
     recorder = LossRecorder(core)
     layers = [name for name, _ in named_routers(core.model)]
 
     start_step, history = 0, {"records": [], "load_steps": [], "loads": [], "layers": layers}
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        accelerator.load_state(str(resume_from))  # sharded: only the RNG states, the rest is not accelerate's
+        if sharded:
+            load_sharded_state(model, optimizer, resume_from / SHARDED_STATE)
         for group in optimizer.param_groups:  # a checkpoint's saved groups carry their own `fused` flag
-            group["fused"] = fused
-        saved = json.loads((resume_from / "trainer_state.json").read_text())
+            group["fused"] = fused and args.optimizer == "adamw"
         if saved["blocks_per_step"] != blocks_per_step or saved["num_train_blocks"] != num_train_blocks:
             raise SystemExit(
                 f"--resume {resume_from}: that run used {saved['blocks_per_step']} blocks per step over "
@@ -584,14 +839,28 @@ def train(args) -> dict:
                         step, args.max_steps)  # fmt: skip
         step_loss.zero_()
         for micro in range(args.grad_accum):
-            batch = draw(step, micro, accelerator.process_index).to(accelerator.device)
-            # Gradients are all-reduced on the last micro-batch only.
+            batch = draw(step, micro, layout.dp_rank).to(accelerator.device)
+            # Gradients are all-reduced (FSDP: reduce-scattered) on the last micro-batch only.
             sync = micro == args.grad_accum - 1
-            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                loss = model(input_ids=batch, labels=batch).loss / args.grad_accum
-                accelerator.backward(loss)
+            if sync:
+                defer = contextlib.nullcontext()
+            else:
+                defer = deferred_fsdp_sync(model) if sharded else accelerator.no_sync(model)
+            with defer:
+                if sharded:
+                    with accelerator.autocast():
+                        loss = model(input_ids=batch, labels=batch).loss / args.grad_accum
+                    loss.backward()
+                else:
+                    loss = model(input_ids=batch, labels=batch).loss / args.grad_accum
+                    accelerator.backward(loss)
             step_loss += loss.detach()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
+        if not args.max_grad_norm:
+            grad_norm = None
+        elif sharded:  # plain tensors and DTensors on several meshes, which torch's clip cannot stack
+            grad_norm = clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        else:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()  # the balancing bias moves here, through the optimizer-step hook (modeling/balancing.py)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -617,21 +886,27 @@ def train(args) -> dict:
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_start, window_steps = time.perf_counter(), 0
         if (args.eval_every and done % args.eval_every == 0) or done == args.max_steps:
-            history["records"].append({"step": done, **evaluate(model, eval_blocks, args, accelerator)})
+            history["records"].append(
+                {"step": done, **evaluate(model, eval_blocks, args, accelerator, layout if sharded else None)}
+            )
         if accelerator.is_main_process and history["records"] and history["records"][-1]["step"] == done:
             append_records(output_dir, history)  # only when this step logged something
         if (args.save_every and done % args.save_every == 0) or done == args.max_steps:
             state = {
                 "step": done, "scheduler": scheduler.state_dict(), "blocks_per_step": blocks_per_step,
                 "num_train_blocks": num_train_blocks, "world_size": accelerator.num_processes, "data_key": data.key,
+                "parallel": layout.sizes,
             }  # fmt: skip
-            save_checkpoint(accelerator, output_dir, done, state, history, args.keep_checkpoints)
+            save_checkpoint(accelerator, output_dir, done, state, history, args.keep_checkpoints,
+                            sharded=(model, optimizer) if sharded else None)  # fmt: skip
     progress.close()
     recorder.remove()
 
-    # FSDP shards the weights, so only replicated (DDP or single-process) weights can be compared.
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    fingerprints = gather_object([None if sharded else state_fingerprint(core)])
+    # FSDP shards the weights, so only replicated (DDP or single-process) weights can be compared; a sharded run
+    # compares what every rank holds whole (the balancing biases among it).
+    accelerate_fsdp = accelerator.distributed_type == DistributedType.FSDP
+    fingerprints = gather_object([None if accelerate_fsdp else state_fingerprint(core, replicated_only=sharded)])
+    sharding = gather_object([sharding_record(core)]) if sharded else None
     # What each process did with the data: whether it tokenized the corpus, and how much of the store it maps.
     processes = gather_object([{
         "built_store": data.info.get("built_store"),
@@ -640,10 +915,14 @@ def train(args) -> dict:
     summary = {
         "steps": args.max_steps,
         "world_size": accelerator.num_processes,
+        "data_parallel_size": layout.dp_world,
+        "parallel": layout.sizes,
+        "sharding": sharding,
+        "bias_updates": balancing_state(core.model).updates,
         "tokens": args.max_steps * tokens_per_step,
         "train_blocks": num_train_blocks,
         "eval": next((r for r in reversed(history["records"]) if "eval_loss" in r), None),
-        "replicas_identical": None if sharded else len(set(fingerprints)) == 1,
+        "replicas_identical": None if accelerate_fsdp else len(set(fingerprints)) == 1,
         "fingerprint": fingerprints[0],
         "data": {**data.info, "built_store": [p["built_store"] for p in processes],
                  "mapped_bytes": [p["mapped_bytes"] for p in processes]},
@@ -654,7 +933,7 @@ def train(args) -> dict:
         write_csv(output_dir / "metrics.csv", history["records"])
         if not args.no_plots:
             save_plots(output_dir, history)
-    save_final_model(accelerator, model, tokenizer, output_dir, model_card_facts(args, summary, history))
+    save_final_model(accelerator, model, tokenizer, output_dir, model_card_facts(args, summary, history), sharded)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
@@ -670,19 +949,33 @@ def model_card_facts(args, summary: dict, history: dict) -> dict:
     return {"name": args.output_dir.rstrip("/").split("/")[-1], "data": data, "metrics": metrics}
 
 
-def save_final_model(accelerator, model, tokenizer, output_dir: Path, card_facts: dict | None = None) -> None:
+def save_final_model(
+    accelerator, model, tokenizer, output_dir: Path, card_facts: dict | None = None, sharded: bool = False
+) -> None:
     """`OUTPUT/model`: a Hub-ready from_pretrained folder (remote code, tokenizer, model card with the training
-    metrics and plots), renamed into place once complete."""
+    metrics and plots), renamed into place once complete. A sharded model (--tp/--ep/--fsdp-size) is saved by every
+    rank together: transformers gathers the shards and rank 0 writes the same per-expert keys one process would."""
     final, partial = output_dir / "model", output_dir / "model.partial"
+    if sharded:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            _add_card_files(output_dir, partial, card_facts)
+        model.config.use_cache = model.generation_config.use_cache = True  # see below
+        accelerator.wait_for_everyone()
+        model.save_pretrained(partial)  # collective; rank 0 writes
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(partial)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+        accelerator.wait_for_everyone()
+        return
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards; every process takes part
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        if card_facts is not None:
-            plots = [name for name in PLOTS if (output_dir / name).is_file()]
-            for name in plots:
-                shutil.copy2(output_dir / name, partial / name)
-            write_json(partial / TRAINING_SUMMARY, {**card_facts, "plots": plots})
+        _add_card_files(output_dir, partial, card_facts)
         core = accelerator.unwrap_model(model)
         # Training ran without a KV cache; generation from the saved model wants one (`generate` reads the
         # generation config's copy, which was made from the training config).
@@ -693,6 +986,16 @@ def save_final_model(accelerator, model, tokenizer, output_dir: Path, card_facts
             shutil.rmtree(final)
         os.replace(partial, final)
     accelerator.wait_for_everyone()
+
+
+def _add_card_files(output_dir: Path, folder: Path, card_facts: dict | None) -> None:
+    """The plots and the training facts the generated model card shows."""
+    if card_facts is None:
+        return
+    plots = [name for name in PLOTS if (output_dir / name).is_file()]
+    for name in plots:
+        shutil.copy2(output_dir / name, folder / name)
+    write_json(folder / TRAINING_SUMMARY, {**card_facts, "plots": plots})
 
 
 def write_csv(path: Path, records: list[dict]) -> None:

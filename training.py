@@ -77,9 +77,9 @@ class LossRecorder:
         self.model = find_moe_mtp_model(model)
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
-        self.handle = self.model.register_forward_hook(self._record)
+        self.handle = self.model.register_forward_hook(self._record, with_kwargs=True)
 
-    def _record(self, module, args, output):
+    def _record(self, module, args, kwargs, output):
         if not module.training or getattr(output, "main_loss", None) is None:
             return
         parts = {"main_loss": output.main_loss}
@@ -87,6 +87,7 @@ class LossRecorder:
             parts[f"mtp_loss_{depth}"] = depth_loss
         if output.aux_loss is not None:
             parts["balance_loss"] = output.aux_loss
+        _to_local_means(module, kwargs, parts)
         for key, value in parts.items():
             value = value.detach().float()
             self.sums[key] = value if key not in self.sums else self.sums[key] + value.to(self.sums[key].device)
@@ -105,6 +106,31 @@ class LossRecorder:
 
     def remove(self):
         self.handle.remove()
+
+
+def _to_local_means(module, kwargs: dict, parts: dict[str, torch.Tensor]) -> None:
+    """Turns cross-entropies normalized by a `num_items_in_batch` back into this forward's own means.
+
+    `Trainer` passes `num_items_in_batch`, the label count of the whole optimizer step: over its gradient-accumulation
+    micro-batches and, with `average_tokens_across_devices`, over all ranks. The losses are then sums divided by
+    that count, a fraction of the micro-batch's mean, and averaging them as means would log a half of the real value
+    on 2 ranks (or with 2 micro-batches). Rescaled by count / this forward's own label count, they are what one
+    process without accumulation logs. The MTP depths are normalized by the main label count in the loss (and so
+    here), and the balance loss is weighted by the forward's share of the labels (MoeMtpForCausalLM.forward), so
+    that `loss = main_loss + mtp_loss_weight * mean(mtp_loss_k) + balance_loss` still holds."""
+    items = kwargs.get("num_items_in_batch")
+    shift = kwargs.get("shift_labels")
+    labels = kwargs.get("labels")
+    if items is None or (shift is None and labels is None):
+        return
+    if shift is None:
+        shift = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=-100)
+    device = parts["main_loss"].device
+    scale = torch.as_tensor(items, dtype=torch.float32).to(device) / (shift != -100).sum().clamp(min=1).to(device)
+    distilled = getattr(module.config, "mtp_loss_targets", "labels") != "labels"  # their own means, no num_items
+    for key in list(parts):
+        if key in ("main_loss", "balance_loss") or (key.startswith("mtp_loss_") and not distilled):
+            parts[key] = parts[key] * scale
 
 
 class MoeMtpCallback(TrainerCallback):
@@ -212,4 +238,58 @@ def apply_schedules(config, schedules: dict[str, StepSchedule], step: int, total
         setattr(config, name, schedule(step, total_steps))
 
 
-__all__ = ["LossRecorder", "MoeMtpCallback", "StepSchedule", "apply_schedules", "find_moe_mtp_model"]
+def _mesh_of(tensor: torch.Tensor):
+    """The device mesh of a DTensor, None for a plain tensor."""
+    return getattr(tensor, "device_mesh", None)
+
+
+def split_groups_by_mesh(groups: list[dict]) -> list[dict]:
+    """Optimizer parameter groups split so that each holds plain tensors or DTensors of one device mesh only.
+
+    A model loaded with a `distributed_config` mixes them: under tensor parallelism the replicated parameters stay plain
+    tensors beside the sharded DTensors, and expert parallelism puts the routed experts on a mesh of their own. torch's
+    fused and foreach optimizer kernels take one list per group and refuse such a mix ("got mixed torch.Tensor and
+    DTensor"); one group per mesh keeps them. Each group keeps its other options (weight decay, ...)."""
+    split = []
+    for group in groups:
+        by_mesh: dict = {}
+        for param in group["params"]:
+            by_mesh.setdefault(_mesh_of(param), []).append(param)
+        split.extend({**group, "params": params} for params in by_mesh.values())
+    return split
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for a model loaded with a `distributed_config`, whose gradients may be plain
+    tensors and DTensors on several device meshes, which torch's version cannot stack. The norm is taken per mesh
+    (each already reduced over its ranks, so it is the norm of the full gradient), then combined: every rank gets
+    the same total and scales by the same factor. Returns the total norm before clipping (a plain tensor)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    by_mesh: dict = {}
+    for grad in grads:
+        by_mesh.setdefault(_mesh_of(grad), []).append(grad)
+    norms = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    if max_norm and max_norm != float("inf"):
+        scale = float((max_norm / (total + 1e-6)).clamp(max=1.0))
+        if scale < 1.0:
+            for grad in grads:
+                grad.mul_(scale)
+    return total
+
+
+__all__ = [
+    "LossRecorder",
+    "MoeMtpCallback",
+    "StepSchedule",
+    "apply_schedules",
+    "clip_grad_norm_",
+    "find_moe_mtp_model",
+    "split_groups_by_mesh",
+]

@@ -1341,6 +1341,13 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
                 aux_loss = config.seq_aux_loss_alpha * self.sequence_balance_loss(
                     outputs.router_logits, outputs.router_indices, attention_mask, batch_size, len(mtp_logits or ())
                 )
+                if "num_items_in_batch" in loss_kwargs:
+                    # The cross-entropies are then sums over the label count of the whole step (Trainer: over its
+                    # accumulated micro-batches and ranks), which the caller adds up without averaging; weighting
+                    # this forward's balance loss, a mean, by its share of those labels keeps it a mean overall,
+                    # instead of counted once per micro-batch and rank.
+                    items = torch.as_tensor(loss_kwargs["num_items_in_batch"], device=aux_loss.device)
+                    aux_loss = aux_loss * ((shift_labels != -100).sum().to(aux_loss.device) / items).to(aux_loss.dtype)
                 loss = loss + aux_loss.to(loss.device)
 
         output = MoeMtpCausalLMOutputWithPast(

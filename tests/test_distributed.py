@@ -245,3 +245,124 @@ def test_fsdp2_step_equals_the_full_batch_step(folder, tmp_path):
     ids = batch()
     with torch.no_grad():
         torch.testing.assert_close(saved(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------ Trainer
+
+TRAINER_ROWS = 8  # two optimizer steps of 4 rows: one epoch, the same batches in every run
+TRAINER_ENGINES = {
+    "fsdp2": dict(fsdp_size=2),
+    "fsdp2+ep": dict(fsdp_size=2, ep_size=2),  # experts split over the two FSDP ranks, tokens exchanged all-to-all
+    "tp+ep": dict(tp_size=2, ep_size=2),
+}
+
+
+def trainer_rows() -> list[list[int]]:
+    return torch.randint(3, 128, (TRAINER_ROWS, 10), generator=torch.Generator().manual_seed(11)).tolist()
+
+
+def sgd_trainer(model, out: str, per_device: int):
+    """transformers.Trainer with SGD (not Adam, which would hide a sum-vs-mean mistake), gradient clipping, and
+    MoeMtpCallback logging the loss parts."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from moe_mtp.training import MoeMtpCallback
+
+    args = TrainingArguments(
+        output_dir=out, max_steps=2, per_device_train_batch_size=per_device, optim="sgd", learning_rate=LR,
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, report_to=[],
+        use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    rows = trainer_rows()
+    data = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=[MoeMtpCallback()])
+
+
+def _trainer_worker(rank, folder, out, engine):
+    from torch.distributed.tensor import DTensor
+    from transformers.distributed import DistributedConfig
+
+    # accelerate (inside Trainer) reads the launch from the environment, as torchrun would set it.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    init(rank, out)
+    try:
+        sizes = TRAINER_ENGINES[engine]
+        model = MoeMtpForCausalLM.from_pretrained(folder, distributed_config=DistributedConfig(**sizes))
+        for e in moe_experts(model):  # really sharded: DTensor experts, half the rows (EP: half the experts) here
+            assert isinstance(e.gate_up_proj, DTensor) and local(e.gate_up_proj).shape[0] == EXPERTS // 2
+            assert e.num_experts == (EXPERTS // 2 if sizes.get("ep_size", 1) > 1 else EXPERTS)
+        data_parallel = sizes.get("fsdp_size", 1)
+        trainer = sgd_trainer(model, os.path.join(out, "trainer"), per_device=4 // data_parallel)
+        trainer.train()
+        assert {e.last_path for e in moe_experts(model)} == {"grouped"}
+        params = {name: full(p).detach().clone() for name, p in model.named_parameters()}
+        biases = {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
+        trainer.save_model(os.path.join(out, "saved"))  # every rank takes part; rank 0 writes
+        torch.save(
+            {
+                "params": params,
+                "biases": biases,
+                "updates": balancing_state(model.model).updates,
+                "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _accelerate_takes_tensor_parallel_on_cpu() -> bool:
+    """accelerate's ParallelismConfig, which Trainer builds for a model with tp_size > 1, accepts only GPU-type
+    (multi-device), FSDP2 or DeepSpeed launches: not gloo CPU processes (DistributedType.MULTI_CPU)."""
+    from types import SimpleNamespace
+
+    try:
+        from accelerate import ParallelismConfig
+        from accelerate.utils import DistributedType
+
+        launch = SimpleNamespace(
+            num_processes=2, is_fsdp2=False, multi_device=False, distributed_type=DistributedType.MULTI_CPU,
+            is_main_process=True,
+        )  # fmt: skip
+        ParallelismConfig(tp_size=2)._validate_accelerator(launch)
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("engine", list(TRAINER_ENGINES))
+def test_trainer_trains_a_model_loaded_with_a_distributed_config_as_one_process(folder, tmp_path, engine):
+    if "tp_size" in TRAINER_ENGINES[engine] and not _accelerate_takes_tensor_parallel_on_cpu():
+        pytest.skip(
+            "Trainer hands a tensor-parallel model's sizes to accelerate's ParallelismConfig, which refuses gloo CPU "
+            "processes (DistributedType.MULTI_CPU): TP under Trainer needs GPUs (docs/distributed.md)"
+        )
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.multiprocessing.spawn(_trainer_worker, args=(str(folder), str(tmp_path), engine), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+    model = reference(folder)
+    before = {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
+    trainer = sgd_trainer(model, str(tmp_path / "reference"), per_device=4)
+    trainer.train()
+    want_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for got in ranks:
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(got["params"][name], param.detach(), atol=1e-5, rtol=1e-4, msg=name)
+        for name, bias in got["biases"].items():  # moved once per step, as one process moves it
+            assert not torch.equal(bias, before[name]) and torch.equal(bias, model.get_buffer(name)), name
+        assert got["updates"] == balancing_state(model.model).updates == 2
+        # The callback's loss parts are each forward's means, averaged over ranks: the values one process logs.
+        assert len(got["logs"]) == len(want_logs) == 2
+        for entry, want in zip(got["logs"], want_logs, strict=True):
+            for key in ("loss", "main_loss", "mtp_loss_1", "balance_loss", "max_vio/layers.1"):
+                assert entry[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (key, entry[key], want[key])
+
+    # trainer.save_model from the sharded model: the per-expert keys, loading in one process as the trained weights.
+    from safetensors.torch import load_file
+
+    assert "model.layers.1.mlp.experts.15.down_proj.weight" in load_file(tmp_path / "saved" / "model.safetensors")
+    saved = MoeMtpForCausalLM.from_pretrained(tmp_path / "saved")
+    for name, param in saved.named_parameters():
+        assert torch.equal(param, ranks[0]["params"][name]), name

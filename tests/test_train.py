@@ -4,6 +4,7 @@ sharing one token store; in-process: the data cache reused across runs, --stream
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from conftest import write_corpus
 from safetensors.torch import load_file
 
-from moe_mtp.train import BlockSampler, parse_args, train
+from moe_mtp.train import BlockSampler, parallel_layout, parse_args, train
 
 STEPS = 10
 # A smoke run with a checkpoint every step, so a kill lands between, or inside, checkpoint writes.
@@ -256,3 +257,151 @@ def test_lora_trainer_example_fine_tunes_the_trained_model(reference_run, tmp_pa
     logs = example.main([*argv, "--eval-pairs", "8"])["train_log"]
     assert logs and all("mtp_loss_1" in entry and "max_vio/layers.1" in entry for entry in logs)
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------- sharded engines (DistributedConfig)
+
+# A short SGD run (not AdamW, whose normalization hides a sum-vs-mean gradient mistake), a checkpoint half way.
+SHARDED = ["--smoke", "--optimizer", "sgd", "--max-steps", "4", "--save-every", "2", "--eval-every", "4"]
+SHARDED += ["--eval-batches", "1", "--no-plots", "--no-progress"]
+
+
+def run_sharded(output_dir: Path, *extra: str, processes: int = 1) -> dict:
+    command = [sys.executable, "-m", "moe_mtp.train"]
+    if processes > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, *SHARDED, "--output-dir", str(output_dir), *extra],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return json.loads((output_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sgd_reference(tmp_path_factory) -> Path:
+    """One process, 4 blocks per step: the global batch the sharded runs below split or share."""
+    output_dir = tmp_path_factory.mktemp("sgd") / "run"
+    run_sharded(output_dir, "--batch-size", "4")
+    return output_dir
+
+
+def assert_same_training(run: Path, reference: Path, atol: float = 1e-5):
+    """Per-step losses, and the saved model: the per-expert keys one process writes, every weight within `atol`,
+    every balancing bias moved and equal."""
+    got, want = losses(run), losses(reference)
+    assert got.keys() == want.keys()
+    for step in want:
+        assert abs(got[step] - want[step]) <= atol, (step, got[step], want[step])
+    saved, expected = (
+        load_file(run / "model" / "model.safetensors"),
+        load_file(reference / "model" / "model.safetensors"),
+    )
+    assert saved.keys() == expected.keys()
+    assert (
+        "model.layers.1.mlp.experts.7.down_proj.weight" in saved
+        and "model.mtp_layers.0.mlp.experts.0.up_proj.weight" in saved
+    )
+    for name, tensor in expected.items():
+        if name.endswith("e_score_correction_bias"):
+            assert tensor.abs().sum() > 0 and torch.equal(saved[name], tensor), name
+        else:
+            torch.testing.assert_close(saved[name], tensor, rtol=0, atol=atol, msg=name)
+
+
+def test_tensor_and_expert_parallel_training_under_torchrun_matches_one_process(sgd_reference, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "tp_ep"
+    summary = run_sharded(run, "--batch-size", "4", "--tp-size", "2", "--ep-size", "2", processes=2)
+    assert summary["parallel"] == {"tp_size": 2, "ep_size": 2, "fsdp_size": 1}
+    assert summary["world_size"] == 2 and summary["data_parallel_size"] == 1  # both ranks on the same batch
+    for rank in summary["sharding"]:  # really sharded: half the experts of each MoE layer here, DTensor weights
+        assert rank["experts_held"] == rank["expert_rows"] == [4, 4], rank  # 8 experts: layer 1 and the MTP module
+        assert rank["dtensor_parameters"] > 0 and rank["local_elements"] < 0.6 * rank["elements"], rank
+        assert rank["expert_path"] == ["grouped"]
+    assert summary["bias_updates"] == 4  # once per optimizer step
+    assert summary["replicas_identical"]  # the biases and replicated weights equal on both ranks
+    assert_same_training(run, sgd_reference)
+
+    # The folder loads in one process and predicts as the single-process model does.
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(run / "model").eval()(ids).logits
+        want = AutoModelForCausalLM.from_pretrained(sgd_reference / "model").eval()(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+# Each rank its own block of every micro-batch, two micro-batches per step: 2 x 1 x 2 = the 4 blocks above.
+FSDP = ["--batch-size", "1", "--grad-accum", "2", "--fsdp-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> tuple[Path, dict]:
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    return run, run_sharded(run, *FSDP, processes=2)
+
+
+def test_fsdp2_training_under_torchrun_matches_one_process(sgd_reference, fsdp_run):
+    run, summary = fsdp_run
+    assert summary["parallel"] == {"tp_size": 1, "ep_size": 1, "fsdp_size": 2}
+    assert summary["data_parallel_size"] == 2  # each rank its own blocks
+    for rank in summary["sharding"]:  # every parameter a DTensor, half of it here
+        assert rank["dtensor_parameters"] == rank["parameters"] and rank["expert_rows"] == [4, 4], rank
+        assert rank["local_elements"] < 0.6 * rank["elements"], rank
+    assert summary["bias_updates"] == 4 and summary["replicas_identical"]
+    assert_same_training(run, sgd_reference)
+
+
+def test_fsdp2_training_resumes_from_its_sharded_checkpoint_bit_for_bit(fsdp_run, tmp_path):
+    run, _ = fsdp_run
+    checkpoint = run / "checkpoints" / "step-00000002"
+    # The model and optimizer as torch.distributed.checkpoint shards, beside accelerate's RNG states.
+    assert (checkpoint / "sharded_state").is_dir() and not (checkpoint / "model.safetensors").exists()
+    resumed = tmp_path / "resumed"
+    run_sharded(resumed, *FSDP, "--resume", str(checkpoint), processes=2)
+    want = load_file(run / "model" / "model.safetensors")
+    for name, tensor in load_file(resumed / "model" / "model.safetensors").items():
+        assert torch.equal(tensor, want[name]), name
+    assert losses(resumed) == losses(run)
+
+
+@pytest.mark.parametrize(
+    "flags, processes, message",
+    [
+        (["--tp-size", "2", "--fsdp-size", "2"], 2, "--tp-size 2 x --fsdp-size 2 = 4 processes, but 2 were launched"),
+        (["--tp-size", "2"], 1, "--tp-size 2 x --fsdp-size 1 = 2 processes, but 1 were launched"),
+        (["--ep-size", "2"], 2, "--ep-size 2 must divide --tp-size x --fsdp-size = 1"),
+        (["--tp-size", "2", "--ep-size", "3"], 2, "--ep-size 3 must be a multiple of --tp-size 2"),
+        (["--fsdp-size", "2", "--ep-size", "2", "--n-routed-experts", "5"], 2, "--ep-size 2 must divide the model's 5 routed experts"),
+        (["--tp-size", "2", "--num-heads", "3"], 2, "--tp-size 2 must divide the model's 3 attention heads"),
+    ],
+)  # fmt: skip
+def test_parallel_sizes_that_cannot_work_stop_with_the_flag_named(flags, processes, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        parallel_layout(parse_args(["--smoke", *flags]), processes, 0)
+
+
+def test_parallel_layout_gives_tensor_parallel_ranks_the_same_data():
+    for rank, data_rank in enumerate([0, 0, 1, 1]):  # transformers' (fsdp, tp) mesh: TP ranks adjacent
+        layout = parallel_layout(
+            parse_args(["--smoke", "--tp-size", "2", "--ep-size", "2", "--fsdp-size", "2"]), 4, rank
+        )
+        assert (layout.dp_rank, layout.dp_world) == (data_rank, 2)
+        assert (layout.config.tp_size, layout.config.ep_size, layout.config.fsdp_size) == (2, 2, 2)
+    assert parallel_layout(parse_args(["--smoke"]), 2, 1).config is None  # DDP through accelerate, as before
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tp-size", "0"], "--tp-size must be at least 1, got 0"),
+        (["--fsdp-size", "2", "--mixed-precision", "fp16"], "--fsdp-size 2: --mixed-precision fp16 needs a gradient scaler"),
+        (["--tp-size", "2", "--mtp-only"], "--tp-size 2: --mtp-only/--add-mtp run in one process or under DDP only"),
+    ],
+)  # fmt: skip
+def test_parallel_flags_that_do_not_combine_are_refused_by_the_parser(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--smoke", *flags])
+    assert message in capsys.readouterr().err

@@ -151,3 +151,26 @@ def test_callback_metrics_reach_tensorboard(tmp_path, added_after_init):
     for tag in ("train/loss", "train/main_loss", "train/mtp_loss_1", "train/balance_loss"):
         assert tag in scalars, (tag, sorted(scalars))
     assert any(tag.startswith("train/max_vio/") for tag in scalars), sorted(scalars)
+
+
+def test_callback_logs_means_under_gradient_accumulation(tmp_path):
+    """Trainer normalizes each micro-batch's loss by the label count of the whole step (`num_items_in_batch`); the
+    logged parts must still be means, adding up to the logged loss (not a half of it with 2 micro-batches)."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = MoeMtpForCausalLM(tiny_config("v3", num_nextn_predict_layers=1, seq_aux_loss_alpha=1e-2))
+    rows = torch.randint(3, 128, (8, 16)).tolist()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    data = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[MoeMtpCallback()])
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        total = entry["main_loss"] + entry["mtp_loss_weight"] * entry["mtp_loss_1"] + entry["balance_loss"]
+        assert entry["loss"] == pytest.approx(total, rel=1e-3)
+        assert entry["main_loss"] > 4.0  # about ln(128) at the start; half of it was logged before
