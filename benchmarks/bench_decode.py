@@ -298,7 +298,9 @@ def bench_case(ours, theirs, release, prompts, new_tokens, repeats) -> dict:
     row["acceptance"], row["identical"] = stats.acceptance_per_position[0], torch.equal(plain_out, mtp_out)
     row["drafts"] = drafts
     note = f"first-draft acceptance {row['acceptance']:.3f}, {stats.tokens_per_step:.2f} tok/step"
-    report(f"ours + MTP ({drafts} drafts per step)", rates["mtp"], f"{note}, identical: {row['identical']}")
+    report(
+        f"ours + MTP ({drafts} drafts per step)", rates["mtp"], f"{note}, identical to plain greedy: {row['identical']}"
+    )
     one_out, stats = last["mtp1"]
     note = f"{stats.tokens_per_step:.2f} tok/step, identical: {torch.equal(plain_out, one_out)}"
     report("ours + MTP, 1 draft per step", rates["mtp1"], note)

@@ -8,7 +8,7 @@ to 8192, forward without grad and forward + backward, at DeepSeek-V3's proportio
 Runs alternate between the models and the median is reported, so they see the same machine load. A missed target
 prints by how much and a profiler breakdown of our side.
 
-    python benchmarks/bench_model.py [--threads N] [--repeats R] [--deepseek-v3-only] [--sweep-only]
+    python benchmarks/bench_model.py [--threads N] [--repeats R] [--deepseek-v3-only] [--sweep-only | --no-sweep]
 """
 
 import argparse
@@ -303,6 +303,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--deepseek-v3-only", action="store_true", help="run only the rows at DeepSeek-V3 proportions")
     parser.add_argument("--sweep-only", action="store_true", help="run only the MoE layer sweep over token counts")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the MoE layer sweep over token counts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.set_verbosity_error()
@@ -310,6 +311,8 @@ def main():
         if not args.deepseek_v3_only:
             main_rows(args)
         deepseek_v3_rows(args)
+    if args.no_sweep:
+        return
     sweep_rows(args, DSV3_CONFIG, "DeepSeek-V3 proportions")
     if not args.deepseek_v3_only:
         sweep_rows(args, CONFIG, "32 experts")
