@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 -m moe_mtp.train --smoke           # DDP (gloo on CPU)
     torchrun --nproc_per_node 2 -m moe_mtp.train --smoke --tp-size 2 --ep-size 2   # transformers' TP + EP
     torchrun --nproc_per_node 2 -m moe_mtp.train --smoke --fsdp-size 2             # transformers' FSDP2
+    accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml -m moe_mtp.train --data corpus.jsonl
 
 Without `--data` the corpus is the English text of the stdlib's `pydoc_data/topics.py`. The corpus is tokenized once
 into a memory-mapped token store in a cache folder, reused by later runs and every process (a byte-level BPE is
