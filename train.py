@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 -m moe_mtp.train --smoke           # DDP (gloo on CPU)
     torchrun --nproc_per_node 2 -m moe_mtp.train --smoke --tp-size 2 --ep-size 2   # transformers' TP + EP
     torchrun --nproc_per_node 2 -m moe_mtp.train --smoke --fsdp-size 2             # transformers' FSDP2
+    accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml -m moe_mtp.train --data corpus.jsonl
 
 Without `--data` the corpus is the English text of the stdlib's `pydoc_data/topics.py`. The corpus is tokenized once
 into a memory-mapped token store in a cache folder, reused by later runs and every process (a byte-level BPE is
@@ -44,7 +45,16 @@ from .data import Corpus
 from .hub import TRAINING_SUMMARY
 from .modeling import MoeMtpForCausalLM
 from .modeling.balancing import balancing_state, named_routers, take_balance_metrics
-from .training import LossRecorder, StepSchedule, apply_schedules, clip_grad_norm_, split_groups_by_mesh
+from .training import (
+    LossRecorder,
+    StepSchedule,
+    apply_schedules,
+    bind_deepspeed,
+    clip_grad_norm_,
+    prepare_deepspeed_model,
+    split_groups_by_mesh,
+    uses_deepspeed,
+)
 
 CHECKPOINTS = "checkpoints"
 PLOTS = ("loss.png", "expert_load.png")
@@ -468,13 +478,18 @@ def sharding_record(model) -> dict:
     def local(tensor):
         return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
+    def held(tensor):  # DeepSpeed ZeRO-3 keeps this rank's partition in ds_tensor, the parameter itself empty
+        return tensor.ds_tensor.numel() if hasattr(tensor, "ds_tensor") else local(tensor).numel()
+
     params = [p for _, p in model.named_parameters()]
     experts = [m for m in model.modules() if isinstance(m, MoeMtpExperts)]
     return {
         "dtensor_parameters": sum(hasattr(p, "to_local") for p in params),
+        "zero3_parameters": sum(hasattr(p, "ds_tensor") for p in params),
+        "zero3_leaf_modules": sum(bool(getattr(m, "_z3_leaf", False)) for m in model.modules()),
         "parameters": len(params),
-        "local_elements": sum(local(p).numel() for p in params),
-        "elements": sum(p.numel() for p in params),
+        "local_elements": sum(held(p) for p in params),
+        "elements": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         "experts_held": [e.num_experts for e in experts],  # whole experts this rank runs (expert parallelism)
         "expert_rows": [local(e.gate_up_proj).shape[0] for e in experts],  # stored here (FSDP shards them too)
         "expert_path": sorted({e.last_path for e in experts if e.last_path}),
@@ -729,19 +744,31 @@ def mixed_precision(choice: str) -> str:
 
 def train(args) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        DistributedType,
+        InitProcessGroupKwargs,
+        gather_object,
+        set_seed,
+    )
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     # cpu=True where there is no GPU: accelerate only takes a multi-process CPU launch (gloo) as distributed then.
     # find_unused_parameters: an expert that no token of a micro-batch picked gets no gradient on that rank.
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision(args.mixed_precision),
-        cpu=args.cpu or not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    cpu = args.cpu or not torch.cuda.is_available()
+    if uses_deepspeed() and not torch.cuda.is_available():
+        # DeepSpeed on CPU processes (gloo): accelerate turns DeepSpeed off for cpu=True, and without a backend named
+        # it would start DeepSpeed's process group yet count a single process.
+        cpu, handlers = False, [*handlers, InitProcessGroupKwargs(backend="gloo")]
+    accelerator = Accelerator(mixed_precision=mixed_precision(args.mixed_precision), cpu=cpu, kwargs_handlers=handlers)
     # --tp/--ep/--fsdp-size: transformers shards the model (DistributedConfig); accelerate only runs the processes.
     layout = parallel_layout(args, accelerator.num_processes, accelerator.process_index)
     sharded = layout.config is not None
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and sharded:
+        raise SystemExit("--tp/--ep/--fsdp-size shard the model through transformers; launch them with torchrun, "
+                         "not with a DeepSpeed config")  # fmt: skip
     resume_from = prepare_output_dir(args, accelerator)
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
@@ -786,16 +813,31 @@ def train(args) -> dict:
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, args.warmup_steps, args.max_steps, min_lr_rate=args.min_lr_ratio
     )
+    if deepspeed:
+        # The MoE blocks as ZeRO-3 leaf modules, and the batch shape DeepSpeed wants in its config (this loop has
+        # no dataloader for accelerate to read it from). DeepSpeed clips and accumulates: --max-grad-norm and
+        # --grad-accum go to its config.
+        prepare_deepspeed_model(model)
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config.update(
+            train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+            train_batch_size=args.batch_size * args.grad_accum * accelerator.num_processes,
+            gradient_clipping=args.max_grad_norm,
+        )  # fmt: skip
     if sharded:
         # Not prepared: accelerate would wrap the DTensor model in DDP. The optimizer steps the sharded parameters
         # itself, and its step hook moves the balancing bias (loads summed over ranks / tp_size, modeling/balancing.py).
         core = model
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
-        if accelerator.distributed_type != DistributedType.FSDP:  # FSDP checkpoints go through accelerate's FSDP path
+        if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # their own paths
             accelerator.register_save_state_pre_hook(save_model_states)
             accelerator.register_load_state_pre_hook(load_model_states)
         core = accelerator.unwrap_model(model)
+    if deepspeed:
+        # ZeRO steps our optimizer over flat partitions, where the automatic bias hook cannot find the model.
+        bind_deepspeed(optimizer, core)
+        engine = accelerator.deepspeed_engine_wrapped.engine
     recorder = LossRecorder(core)
     layers = [name for name, _ in named_routers(core.model)]
 
@@ -846,6 +888,14 @@ def train(args) -> dict:
                 defer = contextlib.nullcontext()
             else:
                 defer = deferred_fsdp_sync(model) if sharded else accelerator.no_sync(model)
+            if deepspeed:  # the engine accumulates (dividing by --grad-accum itself), clips and steps on the last
+                loss = model(input_ids=batch, labels=batch).loss
+                engine.set_gradient_accumulation_boundary(sync)
+                engine.backward(loss)
+                if sync:
+                    engine.step()  # the balancing bias moves here (bind_deepspeed above)
+                step_loss += loss.detach() / args.grad_accum
+                continue
             with defer:
                 if sharded:
                     with accelerator.autocast():
@@ -857,6 +907,8 @@ def train(args) -> dict:
             step_loss += loss.detach()
         if not args.max_grad_norm:
             grad_norm = None
+        elif deepspeed:
+            grad_norm = engine.get_global_grad_norm()  # DeepSpeed clipped in engine.step
         elif sharded:  # plain tensors and DTensors on several meshes, which torch's clip cannot stack
             grad_norm = clip_grad_norm_(model.parameters(), args.max_grad_norm)
         else:
@@ -906,7 +958,7 @@ def train(args) -> dict:
     # compares what every rank holds whole (the balancing biases among it).
     accelerate_fsdp = accelerator.distributed_type == DistributedType.FSDP
     fingerprints = gather_object([None if accelerate_fsdp else state_fingerprint(core, replicated_only=sharded)])
-    sharding = gather_object([sharding_record(core)]) if sharded else None
+    sharding = gather_object([sharding_record(core)]) if sharded or deepspeed else None
     # What each process did with the data: whether it tokenized the corpus, and how much of the store it maps.
     processes = gather_object([{
         "built_store": data.info.get("built_store"),

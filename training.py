@@ -6,6 +6,7 @@ The balancing bias itself needs none of this: it moves after every optimizer ste
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from .modeling.balancing import take_balance_metrics
+from .modeling.balancing import bind_optimizer, take_balance_metrics
 
 
 @dataclass(frozen=True)
@@ -168,11 +169,15 @@ class MoeMtpCallback(TrainerCallback):
         self.recorder: LossRecorder | None = None
         self._restore: dict = {}
 
-    def on_init_end(self, args, state, control, **kwargs):
+    def on_init_end(self, args, state, control, model=None, **kwargs):
         _call_before_the_others(self)
+        if model is not None and uses_deepspeed(args):
+            prepare_deepspeed_model(model)  # before Trainer hands the model to DeepSpeed (in train())
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         _call_before_the_others(self)  # a callback added with trainer.add_callback after __init__
+        if optimizer is not None and uses_deepspeed(args):
+            bind_deepspeed(optimizer, model)
         if self.recorder is not None:
             self.recorder.remove()
         self.recorder = LossRecorder(model)
@@ -284,12 +289,50 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
+def uses_deepspeed(args=None) -> bool:
+    """Whether this process trains under DeepSpeed: `accelerate launch` with a DeepSpeed config, or a `Trainer` given
+    `TrainingArguments(deepspeed=...)`."""
+    if args is not None and getattr(args, "deepspeed", None):
+        return True
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def prepare_deepspeed_model(model: nn.Module) -> None:
+    """Marks every MoE block (router, routed and shared experts) a ZeRO-3 leaf module, before DeepSpeed wraps the
+    model. ZeRO-3 then gathers a block's parameters once, on entry, instead of fetching each submodule's as it runs:
+    a rank whose tokens reach only some experts (or none) never leaves the others waiting for a fetch it does not
+    make. Call it before `deepspeed.initialize` / `accelerator.prepare`."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from .modeling.modeling_moe_mtp import MoeMtpMoE
+
+    set_z3_leaf_modules(find_moe_mtp_model(model), [MoeMtpMoE])
+
+
+def bind_deepspeed(optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    """Makes the balancing bias move on every real DeepSpeed optimizer step. ZeRO steps the torch optimizer it wraps
+    over flat fp32 partitions, so the automatic hook (which finds a model through the optimizer's parameters) would
+    no longer find the model and the bias would silently stop moving; this binds that innermost optimizer to the
+    model explicitly (modeling/balancing.py). `optimizer` may be accelerate's or DeepSpeed's wrapper. Returns the
+    bound optimizer."""
+    base = optimizer
+    while getattr(base, "optimizer", None) is not None:  # accelerate's wrapper -> ZeRO's -> the torch optimizer
+        base = base.optimizer
+    if not isinstance(base, torch.optim.Optimizer):
+        raise TypeError(f"no torch optimizer inside {type(optimizer).__name__} to bind the balancing update to")
+    bind_optimizer(base, find_moe_mtp_model(model).model)
+    return base
+
+
 __all__ = [
     "LossRecorder",
     "MoeMtpCallback",
     "StepSchedule",
     "apply_schedules",
+    "bind_deepspeed",
     "clip_grad_norm_",
     "find_moe_mtp_model",
+    "prepare_deepspeed_model",
     "split_groups_by_mesh",
+    "uses_deepspeed",
 ]

@@ -12,6 +12,11 @@ wrapped optimizer only steps on gradient-sync steps under accumulation) and `pyt
 with no user code. The hook finds the moe_mtp models whose parameters that optimizer holds (LoRA adapters included:
 they live inside the model) among the models built or put in train mode in this process, and updates those in train
 mode. A user who calls `model.update_balancing_bias()` takes over: from then on the hook leaves that model alone.
+
+An engine that steps a torch optimizer over its own copies of the parameters (DeepSpeed ZeRO replaces the
+optimizer's `param_groups` with flat partitions) hides the model from that lookup, and the bias would silently stop
+moving: `bind_optimizer(optimizer, model)` names the model explicitly (`moe_mtp.training.bind_deepspeed` does it for
+ZeRO, for `python -m moe_mtp.train` and `MoeMtpCallback`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 _tracked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _tracking_generation = 0  # bumped when a model is first tracked, so cached optimizer lookups are redone
 _optimizer_models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> weakref of the model it steps
 _hook_handle = None
 _automatic = True
 
@@ -181,7 +187,21 @@ def take_balance_metrics(model: nn.Module) -> tuple[dict[str, float], torch.Tens
     return {f"max_vio/{name}": float(v) for name, v in zip(names, mean_vio, strict=True)}, load
 
 
+def bind_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Every real step of `optimizer` moves `model`'s balancing bias, whatever tensors the optimizer holds. For
+    engines whose optimizer steps copies or flat partitions of the parameters (DeepSpeed ZeRO), which the automatic
+    lookup through the optimizer's parameters cannot trace back to the model. Bind the innermost torch optimizer,
+    the one that really steps, on every rank."""
+    owner = owner_of_routers(model)
+    track(owner)
+    _bound[optimizer] = weakref.ref(owner)
+
+
 def _models_stepped_by(optimizer: torch.optim.Optimizer) -> list[nn.Module]:
+    bound = _bound.get(optimizer)
+    if bound is not None:
+        model = bound()
+        return [model] if model is not None else []
     signature = (_tracking_generation, tuple(len(group["params"]) for group in optimizer.param_groups))
     cached = _optimizer_models.get(optimizer)
     if cached is None or cached[0] != signature:
@@ -209,6 +229,7 @@ __all__ = [
     "BalancingState",
     "automatic_bias_update",
     "balancing_state",
+    "bind_optimizer",
     "named_routers",
     "set_automatic_bias_update",
     "take_balance_metrics",

@@ -261,9 +261,9 @@ def trainer_rows() -> list[list[int]]:
     return torch.randint(3, 128, (TRAINER_ROWS, 10), generator=torch.Generator().manual_seed(11)).tolist()
 
 
-def sgd_trainer(model, out: str, per_device: int):
+def sgd_trainer(model, out: str, per_device: int, **options):
     """transformers.Trainer with SGD (not Adam, which would hide a sum-vs-mean mistake), gradient clipping, and
-    MoeMtpCallback logging the loss parts."""
+    MoeMtpCallback logging the loss parts. `options`: more TrainingArguments."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
@@ -272,7 +272,7 @@ def sgd_trainer(model, out: str, per_device: int):
     args = TrainingArguments(
         output_dir=out, max_steps=2, per_device_train_batch_size=per_device, optim="sgd", learning_rate=LR,
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, report_to=[],
-        use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+        save_strategy="no", disable_tqdm=True, seed=0, **{"use_cpu": True, **options},
     )  # fmt: skip
     rows = trainer_rows()
     data = Dataset.from_dict({"input_ids": rows, "labels": rows})
@@ -366,3 +366,75 @@ def test_trainer_trains_a_model_loaded_with_a_distributed_config_as_one_process(
     saved = MoeMtpForCausalLM.from_pretrained(tmp_path / "saved")
     for name, param in saved.named_parameters():
         assert torch.equal(param, ranks[0]["params"][name]), name
+
+
+# The DeepSpeed config a Trainer user passes (TrainingArguments(deepspeed=...)): ZeRO-3, the batch and clipping from
+# the TrainingArguments, the full weights gathered for save_model.
+ZERO3 = {
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+    "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+    "zero_allow_untested_optimizer": True,
+}  # fmt: skip
+
+
+def _zero3_trainer_worker(rank, folder, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, gloo collectives
+    init(rank, out)
+    try:
+        from accelerate import PartialState
+
+        model = MoeMtpForCausalLM.from_pretrained(folder)
+        # On CPU processes accelerate needs the backend named (TrainingArguments does not pass ddp_backend under
+        # DeepSpeed, and accelerate then counts one process): a state configured here, which the Trainer reuses.
+        # use_cpu=True would turn DeepSpeed off; on a machine without GPUs it runs on the CPU anyway.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(cpu=False, backend="gloo")
+        trainer = sgd_trainer(
+            model, os.path.join(out, "trainer"), per_device=2, deepspeed=ZERO3, use_cpu=False,
+            accelerator_config={"use_configured_state": True},
+        )  # fmt: skip
+        trainer.train()
+        assert trainer.accelerator.num_processes == 2  # each rank on its half of the batch
+        params = list(model.parameters())
+        biases = {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
+        trainer.save_model(os.path.join(out, "saved"))  # gathers the partitions; rank 0 writes
+        torch.save(
+            {
+                "partitioned": sum(hasattr(p, "ds_tensor") for p in params) / len(params),
+                "held": sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params),
+                "leaf_modules": sum(bool(getattr(m, "_z3_leaf", False)) for m in model.modules()),
+                "biases": biases,
+                "updates": balancing_state(model.model).updates,
+                "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_trainer_with_deepspeed_zero3_trains_as_one_process(folder, tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed, or the dev extras)")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.multiprocessing.spawn(_zero3_trainer_worker, args=(str(folder), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+    model = reference(folder)
+    before = {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
+    trainer = sgd_trainer(model, str(tmp_path / "reference"), per_device=4)
+    trainer.train()
+    want_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for got in ranks:
+        # ZeRO-3 is active: every parameter partitioned, half of it here; the 3 MoE blocks are leaf modules.
+        assert got["partitioned"] == 1 and got["held"] < 0.6 and got["leaf_modules"] == 3
+        # The bias moved once per step (ZeRO steps flat partitions: the callback bound the update explicitly).
+        assert got["updates"] == balancing_state(model.model).updates == 2
+        for name, bias in got["biases"].items():
+            assert not torch.equal(bias, before[name]) and torch.equal(bias, model.get_buffer(name)), name
+        for entry, want in zip(got["logs"], want_logs, strict=True):
+            for key in ("loss", "main_loss", "mtp_loss_1", "balance_loss"):
+                assert entry[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (key, entry[key], want[key])
+    saved = MoeMtpForCausalLM.from_pretrained(tmp_path / "saved")
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(saved.get_parameter(name), param.detach(), atol=1e-5, rtol=1e-4, msg=name)

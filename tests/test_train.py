@@ -405,3 +405,53 @@ def test_parallel_flags_that_do_not_combine_are_refused_by_the_parser(flags, mes
     with pytest.raises(SystemExit):
         parse_args(["--smoke", *flags])
     assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- DeepSpeed ZeRO-3 (accelerate launch)
+
+ROOT = Path(__file__).resolve().parents[1]
+# The shipped config, in fp32 here (it asks for bf16, for GPUs), on 2 gloo CPU processes (DeepSpeed's CPU accelerator).
+ZERO3 = ["--config_file", str(ROOT / "examples" / "accelerate" / "deepspeed_zero3.yaml"), "--mixed_precision", "no"]
+ZERO3_RUN = ["--batch-size", "1", "--grad-accum", "2"]  # 2 processes x 1 x 2 = the 4 blocks of sgd_reference
+
+
+def run_zero3(output_dir: Path, *extra: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", *ZERO3, "-m", "moe_mtp.train"]
+    done = subprocess.run(
+        [*command, *SHARDED, *ZERO3_RUN, "--output-dir", str(output_dir), *extra],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return json.loads((output_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory) -> tuple[Path, dict]:
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed, or the dev extras)")
+    run = tmp_path_factory.mktemp("zero3") / "run"
+    return run, run_zero3(run)
+
+
+def test_deepspeed_zero3_under_accelerate_launch_matches_one_process(sgd_reference, zero3_run):
+    run, summary = zero3_run
+    assert summary["world_size"] == summary["data_parallel_size"] == 2 and summary["parallel"] is None
+    for rank in summary["sharding"]:  # ZeRO-3 partitions: every parameter, half of its elements on each rank
+        assert rank["zero3_parameters"] == rank["parameters"], rank
+        assert rank["local_elements"] < 0.6 * rank["elements"], rank
+        assert rank["zero3_leaf_modules"] == 2, rank  # the MoE blocks of layer 1 and of the MTP module
+    # ZeRO steps the optimizer over flat partitions: the bias moves only through the explicit binding, once a step.
+    assert summary["bias_updates"] == 4 and summary["replicas_identical"]
+    assert_same_training(run, sgd_reference)
+
+
+def test_deepspeed_zero3_resumes_from_its_checkpoint_bit_for_bit(zero3_run, tmp_path):
+    run, _ = zero3_run
+    checkpoint = run / "checkpoints" / "step-00000002"
+    assert (checkpoint / "pytorch_model").is_dir()  # DeepSpeed's own partitioned checkpoint, through accelerate
+    resumed = tmp_path / "resumed"
+    run_zero3(resumed, "--resume", str(checkpoint))
+    want = load_file(run / "model" / "model.safetensors")
+    for name, tensor in load_file(resumed / "model" / "model.safetensors").items():
+        assert torch.equal(tensor, want[name]), name
+    assert losses(resumed) == losses(run)
