@@ -148,7 +148,6 @@ class _SpeculativeDecoder:
         # Drafting uses min(modules, drafts) modules; extra drafts reuse the last one.
         self.num_modules = min(len(model.model.mtp_layers), num_drafts)
         self.mtp_cache = DynamicCache()
-        self.hold_stream = False
         self.stats = MtpDecodingStats(drafted_per_position=[0] * num_drafts, accepted_per_position=[0] * num_drafts)
         # Fast paths for what `generate` adds by default. Per step, a plain step calls the processors and criteria
         # once; called position by position here they cost a fifth of a small model's step (measured), so the
@@ -271,9 +270,6 @@ class _SpeculativeDecoder:
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.main_forward(input_ids, positions)
         first, _ = self.choose(self.process(self.logits(hidden[:, -1:]))[:, 0])
-        # The first token streams once the MTP caches hold the prompt too: a streamer timestamping tokens then sees
-        # the whole prefill before it, as with plain generate.
-        self.hold_stream = True
         self.commit(first[:, None], torch.zeros(batch_size, dtype=torch.long))
         self.pending, self.next_position = first, positions[:, -1] + 1
         self.mtp_masks = [torch.zeros(batch_size, 0, dtype=torch.long, device=device)] * self.num_modules
@@ -281,7 +277,8 @@ class _SpeculativeDecoder:
         last_slot = torch.full((batch_size,), prompt_len - 1, dtype=torch.long, device=device)
         next_tokens = torch.cat((input_ids[:, 1:], first[:, None]), dim=1)
         self.catch_up(hidden, next_tokens, positions, self.mask.bool(), last_slot)
-        self.hold_stream = False
+        # The first token streams once the MTP caches hold the prompt too: a streamer timestamping tokens then sees
+        # the whole prefill before it, as with plain generate.
         self.stream()
 
         while not self.done():
@@ -371,6 +368,7 @@ class _SpeculativeDecoder:
         active = ~self.finished.to(device) | ~torch.tensor(self.pad_finished, device=device)
         self.record(accepted[active], num_drafts)
         self.commit(new_tokens, accepted.cpu())
+        self.stream()
 
         # Rollback: crop the slots no row accepted; the others' rejected slots become holes.
         keep = int(accepted[active].max()) + 1 if bool(active.any()) else 1
@@ -395,13 +393,12 @@ class _SpeculativeDecoder:
             self.stats.accepted_per_position[i] += int((accepted > i).sum())
 
     def commit(self, new_tokens, accepted):
-        """Appends row b's first accepted[b] + 1 new tokens, one position at a time through the stopping criteria,
-        as plain generate would; a finished row takes no more tokens (its tail stays padding). Rows of equal length
-        go through the criteria together."""
+        """Appends row b's first accepted[b] + 1 new tokens (the caller streams them), one position at a time through
+        the stopping criteria, as plain generate would; a finished row takes no more tokens (its tail stays padding).
+        Rows of equal length go through the criteria together."""
         new_tokens = new_tokens.to(self.ids.device)
         if self.fast_stop is not None:
             self.commit_simple(new_tokens, accepted)
-            self.stream()
             return
         taking = ~self.finished if self.pad_finished else torch.ones_like(self.finished)
         for i in range(int(accepted.max()) + 1):
@@ -421,7 +418,6 @@ class _SpeculativeDecoder:
                 self.finish_length[group[stop]] = length
             halted = self.finished & (self.lengths >= self.finish_length.max())
             taking &= ~(self.finished if self.pad_finished else halted)
-        self.stream()
 
     def commit_simple(self, new_tokens, accepted):
         """`commit` when the criteria are only max-length and EOS: each row takes its tokens up to and including
@@ -455,7 +451,7 @@ class _SpeculativeDecoder:
 
     def stream(self, final: bool = False):
         """Streams generated columns once every row has them, one `put` per column, as plain generate does."""
-        if self.streamer is None or self.hold_stream:
+        if self.streamer is None:
             return
         final_length = int(self.sequences_length()) if final else None
         available = self.lengths.clone()
