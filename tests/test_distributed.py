@@ -297,19 +297,37 @@ def _trainer_worker(rank, folder, out, engine):
         trainer.train()
         assert {e.last_path for e in moe_experts(model)} == {"grouped"}
         params = {name: full(p).detach().clone() for name, p in model.named_parameters()}
-        biases = {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
+        record = trainer_record(model, trainer, params=params)
         trainer.save_model(os.path.join(out, "saved"))  # every rank takes part; rank 0 writes
-        torch.save(
-            {
-                "params": params,
-                "biases": biases,
-                "updates": balancing_state(model.model).updates,
-                "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
-            },
-            os.path.join(out, f"rank{rank}.pt"),
-        )
+        torch.save(record, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def trainer_record(model, trainer, **extra) -> dict:
+    """What a Trainer worker rank hands back: its balancing biases, how often they were updated, its loss logs."""
+    return {
+        **extra,
+        "biases": {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")},
+        "updates": balancing_state(model.model).updates,
+        "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+    }
+
+
+def trained_reference(folder, tmp_path):
+    """One process, the whole batch, the same SGD Trainer: (model, biases before training, loss logs)."""
+    model = reference(folder)
+    before = {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
+    trainer = sgd_trainer(model, str(tmp_path / "reference"), per_device=4)
+    trainer.train()
+    return model, before, [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def assert_bias_as_reference(got: dict, model, before: dict) -> None:
+    """The rank's biases moved, and equal the reference's, which moved once per step (2 steps)."""
+    for name, bias in got["biases"].items():
+        assert not torch.equal(bias, before[name]) and torch.equal(bias, model.get_buffer(name)), name
+    assert got["updates"] == balancing_state(model.model).updates == 2
 
 
 def _accelerate_takes_tensor_parallel_on_cpu() -> bool:
@@ -342,17 +360,11 @@ def test_trainer_trains_a_model_loaded_with_a_distributed_config_as_one_process(
     torch.multiprocessing.spawn(_trainer_worker, args=(str(folder), str(tmp_path), engine), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
-    model = reference(folder)
-    before = {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
-    trainer = sgd_trainer(model, str(tmp_path / "reference"), per_device=4)
-    trainer.train()
-    want_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    model, before, want_logs = trained_reference(folder, tmp_path)
     for got in ranks:
         for name, param in model.named_parameters():
             torch.testing.assert_close(got["params"][name], param.detach(), atol=1e-5, rtol=1e-4, msg=name)
-        for name, bias in got["biases"].items():  # moved once per step, as one process moves it
-            assert not torch.equal(bias, before[name]) and torch.equal(bias, model.get_buffer(name)), name
-        assert got["updates"] == balancing_state(model.model).updates == 2
+        assert_bias_as_reference(got, model, before)
         # The callback's loss parts are each forward's means, averaged over ranks: the values one process logs.
         assert len(got["logs"]) == len(want_logs) == 2
         for entry, want in zip(got["logs"], want_logs, strict=True):
@@ -397,19 +409,14 @@ def _zero3_trainer_worker(rank, folder, out):
         trainer.train()
         assert trainer.accelerator.num_processes == 2  # each rank on its half of the batch
         params = list(model.parameters())
-        biases = {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
+        record = trainer_record(
+            model, trainer,
+            partitioned=sum(hasattr(p, "ds_tensor") for p in params) / len(params),
+            held=sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params),
+            leaf_modules=sum(bool(getattr(m, "_z3_leaf", False)) for m in model.modules()),
+        )  # fmt: skip
         trainer.save_model(os.path.join(out, "saved"))  # gathers the partitions; rank 0 writes
-        torch.save(
-            {
-                "partitioned": sum(hasattr(p, "ds_tensor") for p in params) / len(params),
-                "held": sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params),
-                "leaf_modules": sum(bool(getattr(m, "_z3_leaf", False)) for m in model.modules()),
-                "biases": biases,
-                "updates": balancing_state(model.model).updates,
-                "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
-            },
-            os.path.join(out, f"rank{rank}.pt"),
-        )
+        torch.save(record, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -420,18 +427,12 @@ def test_trainer_with_deepspeed_zero3_trains_as_one_process(folder, tmp_path):
     torch.multiprocessing.spawn(_zero3_trainer_worker, args=(str(folder), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
-    model = reference(folder)
-    before = {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
-    trainer = sgd_trainer(model, str(tmp_path / "reference"), per_device=4)
-    trainer.train()
-    want_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    model, before, want_logs = trained_reference(folder, tmp_path)
     for got in ranks:
         # ZeRO-3 is active: every parameter partitioned, half of it here; the 3 MoE blocks are leaf modules.
         assert got["partitioned"] == 1 and got["held"] < 0.6 and got["leaf_modules"] == 3
         # The bias moved once per step (ZeRO steps flat partitions: the callback bound the update explicitly).
-        assert got["updates"] == balancing_state(model.model).updates == 2
-        for name, bias in got["biases"].items():
-            assert not torch.equal(bias, before[name]) and torch.equal(bias, model.get_buffer(name)), name
+        assert_bias_as_reference(got, model, before)
         for entry, want in zip(got["logs"], want_logs, strict=True):
             for key in ("loss", "main_loss", "mtp_loss_1", "balance_loss"):
                 assert entry[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (key, entry[key], want[key])
