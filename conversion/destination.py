@@ -65,6 +65,11 @@ def _marked(folder: Path, marker: str) -> bool:
     return folder.is_dir() and not folder.is_symlink() and (folder / marker).is_file()
 
 
+def _empty_folder(path: Path) -> bool:
+    # a run killed between creating DST.partial and writing its marker leaves it empty: nothing to lose
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
 def overlap(a: Path, b: Path) -> bool:
     """Whether a and b are the same folder or one contains the other (replacing one would delete the other)."""
     a, b = a.resolve(), b.resolve()
@@ -116,7 +121,7 @@ def check(src: Path, dst: Path, force: bool, dry_run: bool):
         return
     if exists(dst) and not force:
         raise DestinationExistsError(dst)
-    if exists(partial) and not _marked(partial, PARTIAL_MARKER):
+    if exists(partial) and not _marked(partial, PARTIAL_MARKER) and not _empty_folder(partial):
         raise ConversionError(
             f"{partial} exists but was not left by a moe_mtp conversion (it has no {PARTIAL_MARKER} file); "
             "remove it yourself or choose another DST"
@@ -139,8 +144,8 @@ def missing_parents(path: Path) -> list[Path]:
 
 
 def make_partial(partial: Path):
-    """Create DST.partial with its marker, replacing a marked leftover of a killed run."""
-    remove(partial)  # checked to be ours by `check`
+    """Create DST.partial with its marker, replacing a marked (or empty) leftover of a killed run."""
+    remove(partial)  # checked to be ours, or empty, by `check`
     partial.mkdir(parents=True)
     (partial / PARTIAL_MARKER).write_text("an unfinished moe_mtp conversion; safe to delete\n")
 

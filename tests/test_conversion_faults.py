@@ -287,6 +287,17 @@ def test_deletion_that_fails_partway_happens_after_the_new_dst_is_in_place(
     assert snapshot(dst) == versions[1] and not replaced.exists()
 
 
+def test_a_partial_folder_without_the_marker_is_never_deleted(src, tmp_path, versions):
+    dst = tmp_path / "dst"
+    make_old(src, dst, versions)
+    mine = destination.partial_of(dst)
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ConversionError, match=r"dst\.partial exists but was not left by a moe_mtp conversion"):
+        force(src, dst)
+    assert snapshot(mine) == {"notes.txt": b"mine"} and snapshot(dst) == versions[0]
+
+
 def test_an_unexplained_replaced_folder_is_never_deleted(src, tmp_path, versions):
     dst = tmp_path / "dst"
     make_old(src, dst, versions)
@@ -313,6 +324,7 @@ def test_a_complete_partial_output_of_an_interrupted_run_is_installed(src, tmp_p
 # Steps of a forced replacement to kill the converter at (see conversion/destination.py), as (function, call):
 # SIGKILL right after the n-th call of that function returns (or, for "rmtree", half-way through it).
 KILL_POINTS = {
+    "between creating DST.partial and marking it": ("marker", 1),
     "writing the 3rd shard": ("write_shard", 3),
     "after the commit": ("rename", 1),
     "after moving the old DST aside": ("rename", 2),
@@ -359,6 +371,14 @@ def _kill_child(src: Path, dst: Path, point: tuple[str, int] | None, delay: floa
         return real_unlink(path, *args, **kwargs)
 
     Path.unlink = unlink
+    real_write_text = Path.write_text
+
+    def write_text(path, *args, **kwargs):
+        if path.name == destination.PARTIAL_MARKER and point == ("marker", 1):
+            die()
+        return real_write_text(path, *args, **kwargs)
+
+    Path.write_text = write_text
     if delay is not None:
         threading.Timer(delay, die).start()
     force(src, dst)
