@@ -154,8 +154,7 @@ TRANSFORMERS = Layout(
 )
 
 LAYOUTS = {
-    layout.name: layout
-    for layout in (MOE_MTP, MOE_MTP_MODEL, MOE_MTP_MODEL_BASE, MOE_MTP_BASE, DEEPSEEK, TRANSFORMERS)
+    layout.name: layout for layout in (MOE_MTP, MOE_MTP_MODEL, MOE_MTP_MODEL_BASE, MOE_MTP_BASE, DEEPSEEK, TRANSFORMERS)
 }
 
 
