@@ -556,15 +556,16 @@ class MoeMtpExperts(nn.Module):
         sweep; the loop's cost grows with the slots, and at 256 experts it passes the grouped GEMM's between 32 and
         128 slots; at 8 experts, between 4 and 8, so a 2-token verify step with top-2 stays here). On CUDA the loop
         would need the expert ids on the host, a sync per layer."""
-        top_k = top_k_index.shape[1]
+        num_tokens, top_k = top_k_index.shape
         dtype = gate_up.dtype
-        rows, weights = tokens.to(dtype), top_k_weights.to(dtype)
-        output = torch.zeros_like(rows)
+        rows = tokens.to(dtype).unbind(0)
+        act = self.act_fn.forward  # past nn.Module.__call__: at this size the loop's cost is per-op overhead
+        slot_outputs = []
         for slot, expert in enumerate(top_k_index.flatten().tolist()):
-            token = slot // top_k
-            gate, up = F.linear(rows[token], gate_up[expert]).chunk(2)
-            output[token] += F.linear(self.act_fn(gate) * up * weights[token, slot % top_k], down[expert])
-        return output.to(tokens.dtype)
+            gate, up = torch.mv(gate_up[expert], rows[slot // top_k]).chunk(2)
+            slot_outputs.append(torch.mv(down[expert], act(gate) * up))
+        outputs = torch.stack(slot_outputs).view(num_tokens, top_k, -1)
+        return (outputs * top_k_weights.to(dtype).unsqueeze(-1)).sum(dim=1).to(tokens.dtype)
 
     def grouped(self, tokens, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
         """Slots sorted by expert, gate/up as one grouped GEMM and down as another. Offsets stay on the device."""
