@@ -44,7 +44,7 @@ def remote_code_files() -> dict[str, str]:
     In the package, the modeling file imports its config from the sibling subpackage (`from ..configuration`);
     in a Hub folder both files sit side by side, so that import becomes `from .configuration_moe_mtp`. Modules the
     modeling file imports from its own folder (`from .x import`) travel too. Anything else of the package must be
-    imported lazily through `importlib` (see `modeling_moe_mtp._package_module`), so that the bundle needs only
+    imported lazily through `importlib` (see `modeling/loading.py`'s `package_module`), so that the bundle needs only
     transformers and torch.
     """
     files = {CONFIGURATION_FILE.name: CONFIGURATION_FILE.read_text()}
@@ -60,7 +60,7 @@ def remote_code_files() -> dict[str, str]:
             line = source[: leftover.start()].count("\n") + 1
             raise RuntimeError(
                 f"modeling/{name}.py line {line} imports from the moe_mtp package with `from ..`; the Hub bundle "
-                "cannot carry that. Import it lazily with `_package_module(...)` instead."
+                "cannot carry that. Import it lazily with `loading.package_module(...)` instead."
             )
         files[f"{name}.py"] = source
         pending += [m.group(2) for m in _SIBLING_IMPORT.finditer(source)]

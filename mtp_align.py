@@ -151,7 +151,8 @@ def init_new_modules(model, folder, first_new: int, how: str) -> None:
     if how == "random" or first_new >= len(model.model.mtp_layers):
         return
     from .conversion.lazy import lazy_state_dict
-    from .modeling.modeling_moe_mtp import MoeMtpExperts, fuse_expert_keys
+    from .modeling.loading import fuse_expert_keys
+    from .modeling.modeling_moe_mtp import MoeMtpExperts
 
     last = model.config.num_hidden_layers - 1
     prefix = f"model.layers.{last}."
@@ -313,7 +314,7 @@ def write_model(args, mtp_state: dict, depth: int, tokenizer, output_dir: Path, 
     final, partial = output_dir / "model", output_dir / "model.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model = load_model(args, depth, dtype="auto", quantized=False)
-    from .modeling.modeling_moe_mtp import fuse_expert_keys
+    from .modeling.loading import fuse_expert_keys
 
     own = model.state_dict()
     mtp_state = fuse_expert_keys(mtp_state)  # a quantized training model holds per-expert modules

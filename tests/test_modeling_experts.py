@@ -10,7 +10,8 @@ from conftest import randomize_router_bias, tiny_config
 from safetensors import safe_open
 
 from moe_mtp import MoeMtpForCausalLM
-from moe_mtp.modeling.modeling_moe_mtp import MoeMtpExpertList, MoeMtpExperts, fuse_expert_keys, per_expert_forward
+from moe_mtp.modeling.loading import fuse_expert_keys
+from moe_mtp.modeling.modeling_moe_mtp import MoeMtpExpertList, MoeMtpExperts, per_expert_forward
 
 MOE_LAYERS = 2 + 1  # tiny_config: layers 1 and 2 of 3 are MoE, plus one MTP module
 EXPERTS, WIDTH, HIDDEN = 8, 32, 64
