@@ -1002,15 +1002,8 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             would be wrong.
         """
         config = self.config
-        mtp_depth = len(self.model.mtp_layers)
         has_targets = labels is not None or shift_labels is not None
-        want_mtp = mtp_depth > 0 and (output_mtp_logits or (has_targets and config.mtp_loss_weight > 0))
-        if want_mtp and cache is not None and cache.get_seq_length() > 0:
-            raise ValueError(
-                "MTP logits are computed over whole sequences and do not use a cache: call the model without "
-                "`cache`/`past_key_values` (or with output_mtp_logits=False and no labels). To decode faster with "
-                "the MTP modules, use `generate(..., use_mtp=True)`."
-            )
+        want_mtp = self.runs_mtp(output_mtp_logits or (has_targets and config.mtp_loss_weight > 0), cache)
         want_balance = has_targets and self.training and config.seq_aux_loss_alpha > 0
         if want_balance:
             kwargs["output_router_logits"] = kwargs["output_router_indices"] = True
@@ -1039,37 +1032,15 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
                 logits, labels, vocab_size=config.vocab_size, shift_labels=shift_labels, **loss_kwargs
             )
             if mtp_logits:
-                if config.mtp_loss_targets == "labels":
-                    per_depth = self.mtp_losses(mtp_logits, shift_labels, attention_mask, loss_kwargs)
-                else:
-                    if logits.shape[1] != hidden_states.shape[1]:
-                        raise ValueError(
-                            f"mtp_loss_targets={config.mtp_loss_targets!r} distills the main model's predictions at "
-                            "every position: call the model with logits_to_keep=0."
-                        )
-                    per_depth = self.mtp_distillation_losses(mtp_logits, logits, shift_labels, attention_mask)
-                counted = [depth_loss for depth_loss in per_depth if depth_loss is not None]
-                mtp_losses = tuple(
-                    depth_logits.sum() * 0 if depth_loss is None else depth_loss
-                    for depth_logits, depth_loss in zip(mtp_logits, per_depth, strict=True)
-                )
-                if counted:
-                    loss = loss + config.mtp_loss_weight * torch.stack(counted).mean()
+                mtp_losses, mtp_mean = self.mtp_loss(mtp_logits, logits, shift_labels, attention_mask, loss_kwargs)
+                if mtp_mean is not None:
+                    loss = loss + config.mtp_loss_weight * mtp_mean
             if want_balance and outputs.router_logits:
                 batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-                aux_loss = config.seq_aux_loss_alpha * self.sequence_balance_loss(
-                    outputs.router_logits, outputs.router_indices, attention_mask, batch_size, len(mtp_logits or ())
-                )
-                if "num_items_in_batch" in loss_kwargs:
-                    # The cross-entropies are then sums over the label count of the whole step (Trainer: over its
-                    # accumulated micro-batches and ranks), which the caller adds up without averaging; weighting
-                    # this forward's balance loss, a mean, by its share of those labels keeps it a mean overall,
-                    # instead of counted once per micro-batch and rank.
-                    items = torch.as_tensor(loss_kwargs["num_items_in_batch"], device=aux_loss.device)
-                    aux_loss = aux_loss * ((shift_labels != -100).sum().to(aux_loss.device) / items).to(aux_loss.dtype)
+                aux_loss = self.balance_loss(outputs, attention_mask, batch_size, shift_labels, loss_kwargs)
                 loss = loss + aux_loss.to(loss.device)
 
-        output = MoeMtpCausalLMOutputWithPast(
+        return MoeMtpCausalLMOutputWithPast(
             loss=loss,
             main_loss=main_loss,
             mtp_losses=mtp_losses,
@@ -1081,7 +1052,52 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
         )
-        return output
+
+    def runs_mtp(self, wanted: bool, cache: Cache | None) -> bool:
+        """Whether this forward runs the MTP modules: they exist and are `wanted`, on a whole sequence."""
+        if not (wanted and len(self.model.mtp_layers) > 0):
+            return False
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                "MTP logits are computed over whole sequences and do not use a cache: call the model without "
+                "`cache`/`past_key_values` (or with output_mtp_logits=False and no labels). To decode faster with "
+                "the MTP modules, use `generate(..., use_mtp=True)`."
+            )
+        return True
+
+    def mtp_loss(self, mtp_logits, logits, shift_labels, attention_mask, loss_kwargs):
+        """Each MTP depth's loss (a zero that keeps the graph where a depth has no targets) and their mean over the
+        depths that had targets (None if none had)."""
+        if self.config.mtp_loss_targets == "labels":
+            per_depth = self.mtp_losses(mtp_logits, shift_labels, attention_mask, loss_kwargs)
+        else:
+            if logits.shape[1] != shift_labels.shape[1]:  # logits_to_keep cut them
+                raise ValueError(
+                    f"mtp_loss_targets={self.config.mtp_loss_targets!r} distills the main model's predictions at "
+                    "every position: call the model with logits_to_keep=0."
+                )
+            per_depth = self.mtp_distillation_losses(mtp_logits, logits, shift_labels, attention_mask)
+        counted = [depth_loss for depth_loss in per_depth if depth_loss is not None]
+        losses = tuple(
+            depth_logits.sum() * 0 if depth_loss is None else depth_loss
+            for depth_logits, depth_loss in zip(mtp_logits, per_depth, strict=True)
+        )
+        return losses, torch.stack(counted).mean() if counted else None
+
+    def balance_loss(self, outputs, attention_mask, batch_size, shift_labels, loss_kwargs) -> torch.Tensor:
+        """The sequence-wise balance loss, times `seq_aux_loss_alpha`, over the main layers and MTP modules."""
+        mtp_depth = len(outputs.mtp_hidden_states or ())
+        aux_loss = self.config.seq_aux_loss_alpha * self.sequence_balance_loss(
+            outputs.router_logits, outputs.router_indices, attention_mask, batch_size, mtp_depth
+        )
+        if "num_items_in_batch" in loss_kwargs:
+            # The cross-entropies are then sums over the label count of the whole step (Trainer: over its accumulated
+            # micro-batches and ranks), which the caller adds up without averaging; weighting this forward's balance
+            # loss, a mean, by its share of those labels keeps it a mean overall, instead of counted once per
+            # micro-batch and rank.
+            items = torch.as_tensor(loss_kwargs["num_items_in_batch"], device=aux_loss.device)
+            aux_loss = aux_loss * ((shift_labels != -100).sum().to(aux_loss.device) / items).to(aux_loss.dtype)
+        return aux_loss
 
     def _assisted_decoding(
         self,
