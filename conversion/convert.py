@@ -281,7 +281,6 @@ def convert(
         raise ConversionError(f"unknown destination format {dst_format!r}; expected one of {FORMATS}")
     shard_bytes = parse_size(shard_size)
     check_checkpoint_folder(src)
-    partial = destination.partial_of(dst)
     destination.check(src, dst, force=True, dry_run=True)  # never recover into the source
     recovered = [] if dry_run else destination.recover(dst)
     for note in recovered:
@@ -296,45 +295,58 @@ def convert(
         notes = [source.mtp_note()] if source.mtp_note() else []
         notes += source.notes + [str(w.message) for w in caught]
         new_config = destination_config(ours, plan, dst_format)
-        entries = [o.entry for o in plan.outputs]
-        summary = {
-            "src": str(src),
-            "dst": str(dst),
-            "src_format": source.layout.name,
-            "dst_format": dst_format,
-            "dtype": "fp8" if plan.fp8 else _dtype_name(plan.dtype),
-            "num_tensors": len(entries),
-            "total_bytes": sum(e.nbytes for e in entries),
-            "num_shards": len(plan_shards(entries, shard_bytes)),
-            "config_changes": _config_changes(read_json(src / "config.json"), new_config),
-            "notes": notes,
-        }
+        summary = _summary(src, dst, source, dst_format, plan, shard_bytes, new_config, notes)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         if dry_run:
             summary["inspect"] = inspect(src)
             print(format_dry_run(summary))
             return summary
-        created = destination.missing_parents(partial)
-        try:
-            destination.make_partial(partial)
-            _write(plan, source, partial, shard_bytes, progress)
-            (partial / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-            summary["copied_files"] = _copy_extra_files(src, partial)
-            destination.commit(partial)
-            installed = destination.install(partial, dst)
-        except BaseException as exc:
-            destination.remove(partial)
-            destination.remove_empty(created)
-            if isinstance(exc, OSError):
-                raise ConversionError(f"writing {dst}: {exc}") from exc
-            raise
+        summary["copied_files"], installed = _write_destination(
+            src, dst, plan, source, new_config, shard_bytes, progress
+        )
         for note in installed:
             print(f"note: {note}", file=sys.stderr)
         summary["notes"] += recovered + installed
         return summary
     finally:
         source.store.close()
+
+
+def _summary(src, dst, source, dst_format, plan, shard_bytes, new_config, notes) -> dict:
+    entries = [o.entry for o in plan.outputs]
+    return {
+        "src": str(src),
+        "dst": str(dst),
+        "src_format": source.layout.name,
+        "dst_format": dst_format,
+        "dtype": "fp8" if plan.fp8 else _dtype_name(plan.dtype),
+        "num_tensors": len(entries),
+        "total_bytes": sum(e.nbytes for e in entries),
+        "num_shards": len(plan_shards(entries, shard_bytes)),
+        "config_changes": _config_changes(read_json(src / "config.json"), new_config),
+        "notes": notes,
+    }
+
+
+def _write_destination(src, dst, plan, source, new_config, shard_bytes, progress) -> tuple[list[str], list[str]]:
+    """Writes DST.partial, commits it and swaps it into DST; returns the copied extra files and the swap's notes.
+    On any failure (Ctrl-C included) DST.partial and the parent folders this run created are removed."""
+    partial = destination.partial_of(dst)
+    created = destination.missing_parents(partial)
+    try:
+        destination.make_partial(partial)
+        _write(plan, source, partial, shard_bytes, progress)
+        (partial / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
+        copied = _copy_extra_files(src, partial)
+        destination.commit(partial)
+        return copied, destination.install(partial, dst)
+    except BaseException as exc:
+        destination.remove(partial)
+        destination.remove_empty(created)
+        if isinstance(exc, OSError):
+            raise ConversionError(f"writing {dst}: {exc}") from exc
+        raise
 
 
 def format_dry_run(summary: dict) -> str:

@@ -475,6 +475,17 @@ class _Producers:
         yield self.stash.pop(key + SCALE_SUFFIX)
 
 
+def written_fp8_format(source: Source, scale_fmt: str | None) -> FP8Format:
+    """The FP8 format of written FP8 tensors: the source's block size (the release's for a non-FP8 source) and
+    `scale_fmt` ("inherit" takes the source's)."""
+    inherited = source.fp8.scale_fmt if source.is_fp8 else None
+    fmt = FP8Format(source.fp8.block if source.is_fp8 else fp8.DEFAULT_BLOCK,
+                    inherited if scale_fmt == "inherit" else scale_fmt)  # fmt: skip
+    if fmt.scale_fmt not in fp8.SCALE_FORMATS:
+        raise ConversionError(f"unknown FP8 scale_fmt {fmt.scale_fmt!r}; expected one of {fp8.SCALE_FORMATS}")
+    return fmt
+
+
 def plan_outputs(
     source: Source,
     dst: Layout,
@@ -500,13 +511,7 @@ def plan_outputs(
     groups, omitted = layout_groups(dst, config, shapes)
     default_float = source.default_float()
     keep_fp8 = dtype is None and source.is_fp8 and dst.fp8 is not None
-    fmt = None
-    if dtype == "fp8" or keep_fp8:
-        inherited = source.fp8.scale_fmt if source.is_fp8 else None
-        fmt = FP8Format(source.fp8.block if source.is_fp8 else fp8.DEFAULT_BLOCK,
-                        inherited if scale_fmt == "inherit" else scale_fmt)  # fmt: skip
-        if fmt.scale_fmt not in fp8.SCALE_FORMATS:
-            raise ConversionError(f"unknown FP8 scale_fmt {fmt.scale_fmt!r}; expected one of {fp8.SCALE_FORMATS}")
+    fmt = written_fp8_format(source, scale_fmt) if dtype == "fp8" or keep_fp8 else None
     producers = _Producers(source, allow_raw)
     refs = source.refs
 
