@@ -3,7 +3,7 @@
 Rows: training step (forward + backward, tokens/s), prefill (tokens/s) and greedy decode (new tokens/s), then rows
 at DeepSeek-V3's MoE proportions (256 routed experts, top-8, 8 groups with top-4, 1 shared expert; hidden 256, expert
 width 64, 2048 tokens): one MoE layer forward + backward against transformers' grouped_mm experts and against a dense
-lower bound, and a 4-layer training step. Then a sweep of one MoE layer over the tokens in a step, from 1 (decode)
+lower bound, a 4-layer training step and greedy decoding after a 1k-token prompt. Then a sweep of one MoE layer over the tokens in a step, from 1 (decode)
 to 8192, forward without grad and forward + backward, at DeepSeek-V3's proportions and at the 32-expert config.
 Runs alternate between the models and the median is reported, so they see the same machine load. A missed target
 prints by how much and a profiler breakdown of our side.
@@ -227,9 +227,14 @@ def deepseek_v3_rows(args):
     if verdict and not missed:
         missed.append(("MoE layer (fwd+bwd)", moe_layer_step, layers["moe_mtp"], hidden_states))
     input_ids = torch.randint(0, DSV3_CONFIG["vocab_size"], (DSV3_BATCH, DSV3_SEQ))
-    seconds = measure(train_step, {"moe_mtp": ours, "transformers": theirs}, input_ids, args.repeats)
+    models = {"moe_mtp": ours, "transformers": theirs}
+    seconds = measure(train_step, models, input_ids, args.repeats)
     if not print_row("4-layer train step", seconds["moe_mtp"], seconds["transformers"], tokens, 1.1):
         missed.append(("4-layer train step", train_step, ours, input_ids))
+    long_input_ids = torch.randint(0, DSV3_CONFIG["vocab_size"], (1, LONG_PROMPT))
+    seconds = measure(decode_long_context, models, long_input_ids, args.repeats)
+    if not print_row("decode, 1k context", seconds["moe_mtp"], seconds["transformers"], NEW_TOKENS, 1.5):
+        missed.append(("decode, 1k context", decode_long_context, ours, long_input_ids))
     for label, fn, model, inputs in missed:
         profile_breakdown(label, fn, model, inputs)
 
