@@ -35,7 +35,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration import MoeMtpConfig
 from ..configuration.configuration_moe_mtp import check_rope_parameters
-from .balancing import track, update_balancing_bias
+from .balancing import named_routers, track, update_balancing_bias
 from .speculative import MTP_GENERATE_KWARGS
 
 logger = logging.get_logger(__name__)
@@ -1446,9 +1446,8 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         return losses
 
     def moe_routers(self) -> list[MoeMtpTopkRouter]:
-        """Routers in execution order: main layers, then MTP modules."""
-        blocks = [*self.model.layers, *self.model.mtp_layers]
-        return [block.mlp.gate for block in blocks if isinstance(block.mlp, MoeMtpMoE)]
+        """Routers in execution order: main layers, then MTP modules (`balancing.named_routers` finds them)."""
+        return [router for _, router in named_routers(self.model)]
 
     def sequence_balance_loss(
         self, router_logits, router_indices, attention_mask, batch_size: int, mtp_depths: int
@@ -1458,12 +1457,12 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
 
         f_i (expert i's share of the sequence's choices, times experts / top_k) comes from the experts the forward
         chose, `router_indices`; P_i (its mean normalized score) carries the gradient."""
-        routed = [(layer.mlp.gate, attention_mask) for layer in self.model.layers if isinstance(layer.mlp, MoeMtpMoE)]
-        routed += [
-            (mtp.mlp.gate, mtp_slot_mask(attention_mask, depth))
-            for depth, mtp in enumerate(self.model.mtp_layers[:mtp_depths], start=1)
-            if isinstance(mtp.mlp, MoeMtpMoE)
-        ]
+        routed = []  # (router, its tokens' mask) of the MoE layers that ran, in the order of the logits
+        for name, router in named_routers(self.model):  # `layers.{i}` in order, then `mtp_layers.{depth - 1}`
+            stack, index = name.split(".")
+            depth = int(index) + 1 if stack == "mtp_layers" else 0
+            if depth <= mtp_depths:
+                routed.append((router, mtp_slot_mask(attention_mask, depth) if depth else attention_mask))
         total = None
         for (router, mask), logits, chosen in zip(routed, router_logits, router_indices, strict=True):
             logits = logits.float()  # counts and sums in fp32: half precision stops counting at 256 or overflows
