@@ -178,6 +178,18 @@ PRESETS: dict[str, Preset] = {
             num_experts_per_tok=8, n_group=8, topk_group=4, q_lora_rank=64, kv_lora_rank=32,
         ),  # fmt: skip
     ),
+    "bench-quality": Preset(
+        "benchmarks/bench_quality.py's model, the one quantized to int8 and nf4 (reproduce_claims.py's too): 3 layers "
+        "of width 256, 16 experts top-2 over 4 groups, 1 MTP module, plain rope, 256 positions; its vocabulary is "
+        "the trained BPE's size (2048 asked for).",
+        dict(
+            vocab_size=2048, hidden_size=256, intermediate_size=768, moe_intermediate_size=128, num_hidden_layers=3,
+            first_k_dense_replace=1, num_attention_heads=4, n_routed_experts=16, num_experts_per_tok=2, n_group=4,
+            topk_group=2, n_shared_experts=1, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
+            qk_rope_head_dim=16, v_head_dim=32, num_nextn_predict_layers=1, max_position_embeddings=256,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),  # fmt: skip
+    ),
     "bench-decode": Preset(
         "benchmarks/bench_decode.py's model (and reproduce_claims.py's): 8 layers of width 192, 8 experts top-2, 1 MTP "
         "module; its vocabulary is the trained BPE's size (2048 asked for).",
