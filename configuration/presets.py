@@ -1,7 +1,7 @@
 """Named model configurations ("presets", as torchtitan's model "flavors"), from the released DeepSeek models down to
 the toy sizes the tests, the training script's smoke run, the quickstart and the benchmarks use.
 
-    >>> from moe_mtp.configuration import preset
+    >>> from moe_mtp.configuration import preset, preset_kwargs
     >>> config = preset("tiny", num_hidden_layers=2)  # a MoeMtpConfig; keyword arguments override the preset
     >>> preset_kwargs("deepseek-v3")["n_routed_experts"]
     256
