@@ -7,7 +7,8 @@ counts the quantization state.
 
 Native FP8 (`from_pretrained(..., dtype="fp8")`) keeps a block-FP8 checkpoint's linear weights as
 `float8_e4m3fn` with their `weight_scale_inv` (one float32 scale per 128x128 block) in `Fp8BlockLinear` layers,
-which dequantize on the fly inside the matmul with plain torch ops (CPU or GPU, no bitsandbytes, no Triton).
+which dequantize on the fly inside the matmul with `conversion.dequantize_block_fp8`, the converter's own (torch ops
+on a GPU, numpy's reading of the FP8 bytes on the CPU; no bitsandbytes, no Triton).
 It plugs into `from_pretrained` as a transformers quantizer (`BlockFp8Config`), so device maps, tied weights and
 `save_pretrained` work as usual; the saved folder carries the release's `quantization_config`.
 """
@@ -25,6 +26,8 @@ from transformers import BitsAndBytesConfig, PretrainedConfig
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .conversion.fp8 import dequantize_block_fp8
 
 # bitsandbytes' CPU backend (int8 and 4-bit matmuls without CUDA) is official from 0.48.
 BNB_MIN_CPU_VERSION = "0.48.0"
@@ -253,21 +256,6 @@ def check_fp8_support():
         )
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype):
-    """`weight * scale` of its (possibly partial) block, computed in float32 and rounded once to `dtype`: the same
-    values as `conversion.dequantize_block_fp8`, with torch ops only (any device)."""
-    rows, cols = weight.shape
-    br, bc = block
-    scale = scale_inv.float().repeat_interleave(br, dim=0)[:rows]
-    full, rest = divmod(cols, bc)
-    values = weight.float()
-    if full:
-        values[:, : full * bc].view(rows, full, bc).mul_(scale[:, :full, None])
-    if rest:
-        values[:, full * bc :].mul_(scale[:, full:])
-    return values.to(dtype)
-
-
 class Fp8BlockLinear(nn.Linear):
     """A linear layer whose weight stays block FP8 (1 byte per value) and is dequantized inside each call.
 
@@ -284,7 +272,7 @@ class Fp8BlockLinear(nn.Linear):
             self.bias = nn.Parameter(torch.empty(out_features))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = dequantize_fp8(self.weight, self.weight_scale_inv, self.block, input.dtype)
+        weight = dequantize_block_fp8(self.weight, self.weight_scale_inv, self.block, input.dtype)
         return F.linear(input, weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -358,6 +346,5 @@ __all__ = [
     "Fp8BlockLinear",
     "QuantizationSetupError",
     "check_bitsandbytes",
-    "dequantize_fp8",
     "memory_footprint",
 ]

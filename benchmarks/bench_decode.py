@@ -29,36 +29,14 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging
 
-from moe_mtp import MoeMtpConfig, MoeMtpForCausalLM
+from moe_mtp import MoeMtpForCausalLM
+from moe_mtp.configuration import preset, preset_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = ROOT / "outputs" / "bench_decode_model"
 
-MODEL = dict(
-    hidden_size=192,
-    intermediate_size=512,
-    moe_intermediate_size=96,
-    num_hidden_layers=8,
-    first_k_dense_replace=1,
-    num_attention_heads=4,
-    q_lora_rank=64,
-    kv_lora_rank=64,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=16,
-    v_head_dim=32,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    n_shared_experts=1,
-    max_position_embeddings=4096,
-    num_nextn_predict_layers=1,
-    mtp_loss_weight=0.5,
-    seq_aux_loss_alpha=0.0,
-    tie_word_embeddings=False,
-)
-QUICK_MODEL = dict(MODEL, hidden_size=96, intermediate_size=256, moe_intermediate_size=48, q_lora_rank=32,
-                   kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)  # fmt: skip
+# The model trained here (moe_mtp.configuration.presets), and its half-width version for --quick.
+MODEL, QUICK_MODEL = "bench-decode", "bench-decode-quick"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # mtp_vs_plain: 1.6 at a 2048-token prompt and 1.3 at 128 (batch 1); 1.2 at batch 4 (issue 20).
 TARGETS = {"absorbed_vs_expanded_2048": 1.3, "mtp_vs_plain": 1.6, "mtp_vs_plain_short": 1.3, "mtp_vs_plain_batch": 1.2,
@@ -87,8 +65,10 @@ def train_tokenizer(text: str, vocab_size: int, folder: Path):
     return tokenizer
 
 
-def train_model(folder: Path, model_config, steps: int, seq_len: int, batch_size: int, vocab_size: int, device="cpu"):
-    """Trains the benchmark model and saves model + tokenizer into `folder` (written to a temporary folder first)."""
+def train_model(folder: Path, model_preset: str, steps: int, seq_len: int, batch_size: int, device="cpu"):
+    """Trains the benchmark model (a preset whose vocab_size is the BPE's to train) and saves model + tokenizer into
+    `folder` (written to a temporary folder first)."""
+    vocab_size = preset_kwargs(model_preset)["vocab_size"]
     text = corpus_text()
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
@@ -96,7 +76,7 @@ def train_model(folder: Path, model_config, steps: int, seq_len: int, batch_size
         ids = torch.tensor(tokenizer(text)["input_ids"])
         split = int(len(ids) * 0.9)
         train_ids = ids[:split]
-        config = MoeMtpConfig(**model_config, vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        config = preset(model_preset, vocab_size=len(tokenizer))  # token ids 0, 1, 2: the special tokens above
         torch.manual_seed(0)
         model = MoeMtpForCausalLM(config).to(device)
         model.train()
@@ -352,8 +332,7 @@ def main():
     if args.retrain or not (model_dir / "config.json").exists():
         model_dir.parent.mkdir(parents=True, exist_ok=True)
         train_model(
-            model_dir, QUICK_MODEL if quick else MODEL, steps, seq_len=128, batch_size=8, vocab_size=2048,
-            device=args.device,
+            model_dir, QUICK_MODEL if quick else MODEL, steps, seq_len=128, batch_size=8, device=args.device,
         )  # fmt: skip
     align_steps = args.align_steps if args.align_steps is not None else (40 if quick else 300)
     decode_dir, alignment = model_dir, None

@@ -21,45 +21,14 @@ from transformers import DeepseekV3ForCausalLM
 from transformers.utils import logging
 
 from moe_mtp import MoeMtpConfig, MoeMtpForCausalLM
+from moe_mtp.configuration import preset_kwargs
 from moe_mtp.conversion import convert_state_dict, transformers_config
 
-# A scaled-down DeepSeek-V3: sigmoid/noaux_tc routing over groups, q compression, fine-grained experts.
-CONFIG = dict(
-    vocab_size=4096,
-    hidden_size=512,
-    intermediate_size=1024,
-    moe_intermediate_size=256,
-    num_hidden_layers=4,
-    first_k_dense_replace=1,
-    num_attention_heads=8,
-    q_lora_rank=192,
-    kv_lora_rank=128,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=16,
-    v_head_dim=32,
-    n_routed_experts=32,
-    num_experts_per_tok=4,
-    n_group=4,
-    topk_group=2,
-    n_shared_experts=1,
-    max_position_embeddings=1024,
-    # transformers' class has no MTP training and no balance loss: compare like with like.
-    num_nextn_predict_layers=0,
-    seq_aux_loss_alpha=0.0,
-)
+# A scaled-down DeepSeek-V3: sigmoid/noaux_tc routing over groups, q compression, fine-grained experts (32); no MTP
+# and no balance loss, as transformers' class has neither: compare like with like.
+CONFIG = preset_kwargs("bench-model")
 # DeepSeek-V3's MoE proportions (256 routed experts, top-8, 8 groups with top-4, 1 shared) at a CPU-sized width.
-DSV3_CONFIG = dict(
-    CONFIG,
-    hidden_size=256,
-    intermediate_size=1024,
-    moe_intermediate_size=64,
-    q_lora_rank=96,
-    kv_lora_rank=64,
-    n_routed_experts=256,
-    num_experts_per_tok=8,
-    n_group=8,
-    topk_group=4,
-)
+DSV3_CONFIG = preset_kwargs("bench-model-v3")
 DSV3_BATCH, DSV3_SEQ = 4, 512  # 2048 tokens, 16384 routed rows per MoE layer
 BATCH, SEQ, PROMPT, NEW_TOKENS = 4, 256, 256, 32
 LONG_PROMPT = 1024  # one sequence: MLA decodes from the latent cache, transformers re-expands it every step

@@ -56,15 +56,9 @@ def train_tokenizer(train: str, path: Path):
 
 
 def model_config(vocab_size: int):
-    from moe_mtp import MoeMtpConfig
+    from moe_mtp.configuration import preset
 
-    return MoeMtpConfig(
-        vocab_size=vocab_size, hidden_size=256, intermediate_size=768, moe_intermediate_size=128, num_hidden_layers=3,
-        first_k_dense_replace=1, num_attention_heads=4, n_routed_experts=16, num_experts_per_tok=2, n_group=4,
-        topk_group=2, n_shared_experts=1, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-        v_head_dim=32, num_nextn_predict_layers=1, max_position_embeddings=SEQ * 2, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )  # fmt: skip
+    return preset("bench-quality", vocab_size=vocab_size, max_position_embeddings=SEQ * 2)
 
 
 def train(steps: int, minutes: float):

@@ -32,34 +32,24 @@ from transformers import DeepseekV3ForCausalLM
 from transformers.utils import logging
 
 from moe_mtp import MoeMtpConfig, MoeMtpForCausalLM
+from moe_mtp.configuration import preset_kwargs
 from moe_mtp.conversion import convert_state_dict, transformers_config
 from moe_mtp.modeling.balancing import automatic_bias_update, take_balance_metrics
 from moe_mtp.training import LossRecorder
 
-COMMON = dict(
-    vocab_size=4096, intermediate_size=512, first_k_dense_replace=1, num_attention_heads=4, qk_nope_head_dim=32,
-    qk_rope_head_dim=16, v_head_dim=32, n_shared_experts=1, max_position_embeddings=512, num_nextn_predict_layers=1,
-    mtp_loss_weight=0.3, seq_aux_loss_alpha=1e-4, bias_update_speed=1e-3,
-)  # fmt: skip
 CONFIGS = {
-    # The training script's default model.
-    "script default": dict(
-        hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4, n_routed_experts=16, num_experts_per_tok=2,
-        n_group=4, topk_group=2, q_lora_rank=128, kv_lora_rank=64,
-    ),
+    # The training script's default model, with MTP and both balancing terms on.
+    "script default": preset_kwargs("bench-train"),
     # DeepSeek-V3's routing proportions: 256 routed experts, top-8, 8 groups of which 4 are eligible.
-    "V3 routing (256 experts)": dict(
-        hidden_size=128, moe_intermediate_size=32, num_hidden_layers=4, n_routed_experts=256, num_experts_per_tok=8,
-        n_group=8, topk_group=4, q_lora_rank=64, kv_lora_rank=32,
-    ),
-}  # fmt: skip
+    "V3 routing (256 experts)": preset_kwargs("bench-train-v3"),
+}
 BATCH, SEQ = 4, 128
 SCRIPT_FLAGS = ["--hidden-size", "256", "--moe-intermediate-size", "128", "--num-layers", "4", "--vocab-size", "4096"]
 
 
 def build(config: dict):
     torch.manual_seed(0)
-    ours = MoeMtpForCausalLM(MoeMtpConfig(**COMMON, **config, attn_implementation="sdpa"))
+    ours = MoeMtpForCausalLM(MoeMtpConfig(**config, attn_implementation="sdpa"))
     theirs = DeepseekV3ForCausalLM(transformers_config(ours.config))
     theirs.set_attn_implementation("sdpa")
     state = convert_state_dict(ours.state_dict(), ours.config, "moe_mtp_model", "transformers")
@@ -70,7 +60,7 @@ def build(config: dict):
 def one_more_layer(config: dict) -> MoeMtpForCausalLM:
     torch.manual_seed(0)
     deeper = {**config, "num_hidden_layers": config["num_hidden_layers"] + 1}
-    return MoeMtpForCausalLM(MoeMtpConfig(**COMMON, **deeper, attn_implementation="sdpa"))
+    return MoeMtpForCausalLM(MoeMtpConfig(**deeper, attn_implementation="sdpa"))
 
 
 class Variant:

@@ -79,7 +79,12 @@ def check_scale_values(scale_inv: torch.Tensor, *, name: str | None = None, wher
         )
 
 
-CHUNK_ELEMENTS = 1 << 20  # dequantize ~1M values at a time: the temporaries stay in cache and get reused
+CHUNK_ELEMENTS = 1 << 20  # dequantize ~1M values at a time on the CPU: the temporaries stay in cache and get reused
+
+
+def _on_host(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a plain CPU tensor, which numpy can read (not a DTensor or a tensor under tracing)."""
+    return weight.device.type == "cpu" and type(weight) in (torch.Tensor, torch.nn.Parameter)
 
 
 def _rows_per_chunk(cols: int, block_rows: int) -> int:
@@ -89,16 +94,19 @@ def _rows_per_chunk(cols: int, block_rows: int) -> int:
 class _Workspace:
     """Scratch buffers reused across the chunks of one tensor (fresh allocations cost page faults)."""
 
-    def __init__(self, n: int):
-        self.bits = np.empty(n, np.int16)
-        self.magnitude = np.empty(n, np.uint8)
-        self.f32 = torch.empty(n)
+    def __init__(self, n: int, device: torch.device, host: bool):
+        self.bits = np.empty(n, np.int16) if host else None
+        self.magnitude = np.empty(n, np.uint8) if host else None
+        self.f32 = torch.empty(n, device=device)
 
 
-def _prepare_scale(scale_inv: torch.Tensor, cols: int, block_cols: int, name) -> tuple[torch.Tensor, bool]:
-    """Per-(row block, column) scales, premultiplied by 2**8 for the fast path when that is exact."""
-    check_scale_values(scale_inv, name=name)
+def _prepare_scale(scale_inv: torch.Tensor, cols: int, block_cols: int, name, host: bool) -> tuple[torch.Tensor, bool]:
+    """Per-(row block, column) scales, premultiplied by 2**8 for the host's fast path when that is exact. The scale
+    values are checked on the host only: on an accelerator the check would wait for the device at every call."""
     scale = scale_inv.float()
+    if not host:
+        return scale.repeat_interleave(block_cols, dim=1)[:, :cols], False
+    check_scale_values(scale_inv, name=name)
     fast = scale.numel() == 0 or scale.abs().max().item() < 2.0**100
     if fast:
         scale = scale * 256.0
@@ -110,10 +118,10 @@ def _dequantize_rows(q: torch.Tensor, scale_cols: torch.Tensor, block_rows: int,
     rows, cols = q.shape
     n = q.numel()
     values = out if out.dtype == torch.float32 else ws.f32[:n].view(rows, cols)
-    q8 = q.view(torch.int8).numpy().reshape(-1)
     if fast:
         # An e4m3 byte `s eeee mmm` becomes the float16 `s 0eeee mmm0000000`: the exponent biases differ by 8, so
         # normal and subnormal values alike read as q * 2**-8, exactly (much faster than torch's own fp8 cast).
+        q8 = q.view(torch.int8).numpy().reshape(-1)
         bits = ws.bits[:n]
         np.left_shift(q8, 7, dtype=np.int16, out=bits)  # sign-extended: the sign lands in bits 15 and 14
         np.bitwise_and(bits, np.int16(~0x4000), out=bits)
@@ -135,12 +143,14 @@ def _dequantize_rows(q: torch.Tensor, scale_cols: torch.Tensor, block_rows: int,
 
 
 def _dequantize_chunks(weight, scale_inv, block, name, destination):
-    """Dequantizes consecutive row chunks of about 1M values into `destination(r0, r1)`, yielding each chunk."""
+    """Dequantizes consecutive row chunks into `destination(r0, r1)`, yielding each chunk: about 1M values each on the
+    CPU, the whole weight in one go elsewhere (a few kernels, no wait for the device)."""
     br, bc = _block(block)
     rows, cols = weight.shape
-    scale_cols, fast = _prepare_scale(scale_inv, cols, bc, name)
-    step = _rows_per_chunk(cols, br)
-    ws = _Workspace(min(rows, step) * cols)
+    host = _on_host(weight)
+    scale_cols, fast = _prepare_scale(scale_inv.to(weight.device), cols, bc, name, host)
+    step = _rows_per_chunk(cols, br) if host else max(rows, 1)
+    ws = _Workspace(min(rows, step) * cols, weight.device, host)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         out = destination(r0, r1)
@@ -156,10 +166,14 @@ def iter_dequantize_block_fp8(
     *,
     name: str | None = None,
 ):
-    """Like `dequantize_block_fp8`, but yields the result as consecutive row chunks of about 1M values."""
+    """Like `dequantize_block_fp8`, but yields the result as consecutive row chunks (of about 1M values on the CPU)."""
     _check_fp8(weight, scale_inv, block, name)  # here, not in the generator: bad input fails at the call
     cols = weight.shape[1]
-    return _dequantize_chunks(weight, scale_inv, block, name, lambda r0, r1: torch.empty(r1 - r0, cols, dtype=dtype))
+
+    def empty(r0, r1):
+        return torch.empty(r1 - r0, cols, dtype=dtype, device=weight.device)
+
+    return _dequantize_chunks(weight, scale_inv, block, name, empty)
 
 
 def _check_fp8(weight, scale_inv, block, name):
@@ -177,12 +191,15 @@ def dequantize_block_fp8(
     name: str | None = None,
 ) -> torch.Tensor:
     """Dequantize a block-FP8 weight: each value times its block's scale, computed in float32 and rounded once to
-    `dtype` (bit-identical to `(weight.float() * expanded_scale).to(dtype)`).
+    `dtype` (bit-identical to `(weight.float() * expanded_scale).to(dtype)`), on the weight's device.
 
-    `scale_inv` may be float32 or float8_e8m0fnu (power-of-two scales). `name` only labels errors.
+    The one FP8 dequantizer of the package: the converter and `quantization.Fp8BlockLinear` (at every call) use it.
+    On the CPU it reads the FP8 bytes through numpy (faster than torch's cast) in chunks of about 1M values, and checks
+    that the scales are finite and positive; elsewhere it runs a few torch ops. `scale_inv` may be float32 or
+    float8_e8m0fnu (power-of-two scales). `name` only labels errors.
     """
     _check_fp8(weight, scale_inv, block, name)
-    out = torch.empty(weight.shape, dtype=dtype)
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     for _ in _dequantize_chunks(weight, scale_inv, block, name, lambda r0, r1: out[r0:r1]):
         pass
     return out

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_mtp import MoeMtpConfig, MoeMtpForCausalLM
+from moe_mtp import MoeMtpForCausalLM
+from moe_mtp.configuration import preset
 from moe_mtp.conversion import convert, convert_state_dict, deepseek_config_dict, inspect, quantize_block_fp8
 from moe_mtp.conversion.summary import format_inspect
 
@@ -36,12 +37,7 @@ FP8_WEIGHT = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.(.+\.)?(q_proj|q_
 
 def write_tiny_release(folder: Path) -> Path:
     """A DeepSeek-V3-shaped checkpoint at toy size, in the released layout, from a randomly initialized model."""
-    config = MoeMtpConfig(
-        vocab_size=256, hidden_size=192, intermediate_size=200, moe_intermediate_size=72, num_hidden_layers=3,
-        num_attention_heads=4, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
-        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
-        v_head_dim=16, num_nextn_predict_layers=1,
-    )  # fmt: skip
+    config = preset("tiny-release")
     torch.manual_seed(0)
     ours = convert_state_dict(MoeMtpForCausalLM(config).state_dict(), config, "moe_mtp_model", "moe_mtp")
     n = config.num_hidden_layers

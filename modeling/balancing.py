@@ -94,7 +94,11 @@ def balancing_state(model: nn.Module) -> BalancingState:
 
 
 def named_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(`layers.3`, router) pairs in execution order: main layers, then the MTP modules."""
+    """(`layers.3`, router) pairs in execution order: main layers, then the MTP modules (`mtp_layers.0`, ...).
+
+    The one router lookup of the package: the bias update, `MoeMtpForCausalLM.moe_routers`, the sequence-wise balance
+    loss and the training script's per-layer metrics all use it. It spots a router by its balancing state (the bias
+    and the load counts), so it also finds the routers of the Hub bundle's copy of the classes."""
     found = []
 
     # Runs after every optimizer step: the walk skips the routed experts (thousands of modules at V3 scale).

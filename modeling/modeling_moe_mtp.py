@@ -23,18 +23,16 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration import MoeMtpConfig
 from ..configuration.configuration_moe_mtp import check_rope_parameters
-from .balancing import track, update_balancing_bias
+from .balancing import named_routers, track, update_balancing_bias
 from .loading import load_model, memory_footprint, push_model, save_model
 from .speculative import MTP_GENERATE_KWARGS
-
-logger = logging.get_logger(__name__)
 
 try:
     from torch.distributed.tensor import DTensor
@@ -1181,9 +1179,8 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         return losses
 
     def moe_routers(self) -> list[MoeMtpTopkRouter]:
-        """Routers in execution order: main layers, then MTP modules."""
-        blocks = [*self.model.layers, *self.model.mtp_layers]
-        return [block.mlp.gate for block in blocks if isinstance(block.mlp, MoeMtpMoE)]
+        """Routers in execution order: main layers, then MTP modules (`balancing.named_routers` finds them)."""
+        return [router for _, router in named_routers(self.model)]
 
     def sequence_balance_loss(
         self, router_logits, router_indices, attention_mask, batch_size: int, mtp_depths: int
@@ -1193,12 +1190,12 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
 
         f_i (expert i's share of the sequence's choices, times experts / top_k) comes from the experts the forward
         chose, `router_indices`; P_i (its mean normalized score) carries the gradient."""
-        routed = [(layer.mlp.gate, attention_mask) for layer in self.model.layers if isinstance(layer.mlp, MoeMtpMoE)]
-        routed += [
-            (mtp.mlp.gate, mtp_slot_mask(attention_mask, depth))
-            for depth, mtp in enumerate(self.model.mtp_layers[:mtp_depths], start=1)
-            if isinstance(mtp.mlp, MoeMtpMoE)
-        ]
+        routed = []  # (router, its tokens' mask) of the MoE layers that ran, in the order of the logits
+        for name, router in named_routers(self.model):  # `layers.{i}` in order, then `mtp_layers.{depth - 1}`
+            stack, index = name.split(".")
+            depth = int(index) + 1 if stack == "mtp_layers" else 0
+            if depth <= mtp_depths:
+                routed.append((router, mtp_slot_mask(attention_mask, depth) if depth else attention_mask))
         total = None
         for (router, mask), logits, chosen in zip(routed, router_logits, router_indices, strict=True):
             logits = logits.float()  # counts and sums in fp32: half precision stops counting at 256 or overflows

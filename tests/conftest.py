@@ -11,45 +11,12 @@ import pytest
 import torch
 
 from moe_mtp import MoeMtpConfig
+from moe_mtp.configuration import preset
 
-BASE = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    moe_intermediate_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    first_k_dense_replace=1,
-    kv_lora_rank=16,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=16,
-    n_shared_experts=1,
-    max_position_embeddings=256,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    # YaRN with both mscales exercises the rotary scaling and the softmax-scale folding.
-    rope_parameters={
-        "rope_type": "yarn",
-        "rope_theta": 10000.0,
-        "factor": 4.0,
-        "mscale": 0.8,
-        "mscale_all_dim": 0.7,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "original_max_position_embeddings": 64,
-    },
-)
-
+# The routing variants of the `tiny` preset (moe_mtp.configuration.presets), as overrides.
 ROUTING = {
-    # DeepSeek-V3: sigmoid scores, bias-corrected group-limited choice, query compression.
-    "v3": dict(
-        q_lora_rank=32, n_group=4, topk_group=2, scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-    ),
+    # DeepSeek-V3 (the preset's own): sigmoid scores, bias-corrected group-limited choice, query compression.
+    "v3": {},
     # DeepSeek-V2-Lite: softmax, greedy top-k, full q_proj.
     "v2_lite": dict(
         q_lora_rank=None, n_group=1, topk_group=1, scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
@@ -73,7 +40,8 @@ def reference_config(name: str) -> dict:
 
 
 def tiny_config(kind: str = "v3", **overrides) -> MoeMtpConfig:
-    return MoeMtpConfig(**{**BASE, **ROUTING[kind], **overrides})
+    """The `tiny` preset with routing `kind` (ROUTING) and `overrides`."""
+    return preset("tiny", **{**ROUTING[kind], **overrides})
 
 
 def randomize_router_bias(model, scale: float = 0.05):

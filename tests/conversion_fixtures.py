@@ -15,19 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_mtp.configuration import MoeMtpConfig
+from moe_mtp.configuration import MoeMtpConfig, preset
 from moe_mtp.conversion import deepseek_config_dict, quantize_block_fp8
 from moe_mtp.conversion.spec import canonical_shapes
 
-# hidden 192 = 128 + 64 and intermediate 200 = 128 + 72: partial FP8 blocks in both directions
-TINY = dict(
-    vocab_size=256, hidden_size=192, intermediate_size=200, moe_intermediate_size=72, num_hidden_layers=3,
-    num_attention_heads=4, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
-    first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-    qk_rope_head_dim=16, v_head_dim=16, num_nextn_predict_layers=1, max_position_embeddings=512,
-    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0,
-                     "beta_fast": 32, "beta_slow": 1, "original_max_position_embeddings": 128},
-)  # fmt: skip
 V2_LITE = dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=None,
                norm_topk_prob=False, routed_scaling_factor=1.0, num_nextn_predict_layers=0)  # fmt: skip
 
@@ -58,7 +49,11 @@ TOKENIZER_FILES = {
 
 
 def tiny_config(**overrides) -> MoeMtpConfig:
-    return MoeMtpConfig(**{**TINY, **overrides})
+    """The `tiny-release` preset (hidden 192 = 128 + 64 and intermediate 200 = 128 + 72: partial FP8 blocks in both
+    directions) with YaRN rope, a shorter context and `overrides`."""
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+            "beta_fast": 32, "beta_slow": 1, "original_max_position_embeddings": 128}  # fmt: skip
+    return preset("tiny-release", **{"max_position_embeddings": 512, "rope_parameters": rope, **overrides})
 
 
 def random_state_dict(config, dtype=torch.bfloat16, seed=0) -> dict[str, torch.Tensor]:

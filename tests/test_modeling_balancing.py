@@ -221,3 +221,20 @@ def test_routers_restored_without_counts_neither_fail_nor_move_the_bias():
     model(tokens(0), labels=tokens(0)).loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     assert any(not torch.equal(a, b) for a, b in zip(biases(model), before, strict=True))
+
+
+def test_one_router_lookup_finds_the_moe_layers_main_then_mtp():
+    """`named_routers` is the package's one lookup: `moe_routers()` and the sequence-wise balance loss use it. With
+    `moe_layer_freq=2`, MoE and dense blocks alternate in the main stack and in the MTP modules alike."""
+    model = make_model(num_hidden_layers=4, moe_layer_freq=2, num_nextn_predict_layers=3).train()
+    blocks = [(f"layers.{i}", b) for i, b in enumerate(model.model.layers)]
+    blocks += [(f"mtp_layers.{k}", b) for k, b in enumerate(model.model.mtp_layers)]
+    expected = [(name, block.mlp.gate) for name, block in blocks if hasattr(block.mlp, "gate")]
+    assert [name for name, _ in expected] == ["layers.2", "mtp_layers.0", "mtp_layers.2"]  # indices 2, 4 and 6
+    assert named_routers(model.model) == expected
+    assert model.moe_routers() == [router for _, router in expected]
+    ids = tokens(0)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
+    assert len(out.router_logits) == 3 and torch.isfinite(out.aux_loss) and out.aux_loss > 0

@@ -16,7 +16,7 @@ import moe_mtp.conversion as conversion
 from moe_mtp import MoeMtpForCausalLM
 from moe_mtp.conversion import convert, dequantize_block_fp8, quantize_block_fp8
 from moe_mtp.modeling.modeling_moe_mtp import MoeMtpExperts
-from moe_mtp.quantization import Fp8BlockLinear, QuantizationSetupError, dequantize_fp8
+from moe_mtp.quantization import Fp8BlockLinear, QuantizationSetupError
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,14 @@ def models(released):
     return MoeMtpForCausalLM.from_pretrained(released), MoeMtpForCausalLM.from_pretrained(released, dtype="fp8")
 
 
-def test_torch_dequantization_matches_the_converter():
+def test_fp8_linear_multiplies_by_the_converters_dequantized_weight():
     weight = torch.randn(200, 330) * 0.05  # partial blocks both ways
     q, scale = quantize_block_fp8(weight)
+    layer = Fp8BlockLinear(330, 200)
+    layer.weight.data, layer.weight_scale_inv.data = q, scale
     for dtype in (torch.float32, torch.bfloat16):
-        assert torch.equal(dequantize_fp8(q, scale, (128, 128), dtype), dequantize_block_fp8(q, scale, dtype=dtype))
+        x = torch.randn(3, 330, dtype=dtype)
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, dequantize_block_fp8(q, scale, dtype=dtype)))
 
 
 def test_linear_weights_stay_fp8(models):

@@ -7,8 +7,8 @@ relative imports work), and writes the modules those files import but the sdist 
 of them, and our own launcher for the parallelism mixins:
 
 - `generation/test_utils.py`: `GenerationTesterMixin`, an empty class. The generation tests need model tests from
-  transformers' repository that the sdist leaves out; moe-mtp's own suite covers `generate` (tests/test_speculative.py,
-  tests/test_modeling_moe_mtp.py).
+  transformers' repository that the sdist leaves out; moe-mtp's own suite covers `generate`
+  (tests/test_modeling_speculative.py, tests/test_modeling_moe_mtp.py).
 - `exporters/test_export.py`: `ExportTesterMixin`, an empty class (torch.export tests, likewise not shipped).
 - `utils/test_configuration_utils.py`: `config_common_kwargs`, non-default values for `PreTrainedConfig`'s common
   arguments, which `ConfigTester.check_config_arguments_init` sets and reads back.

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_mtp.conversion import ConversionError, dequantize_block_fp8, iter_dequantize_block_fp8, quantize_block_fp8
+from moe_mtp.conversion import fp8 as fp8_module
 from moe_mtp.conversion.fp8 import round_scale_ue8m0, scale_shape
 
 SHAPES = [(200, 192), (256, 384), (130, 129), (1, 1), (128, 128), (300, 64), (576, 200)]
@@ -34,7 +35,11 @@ def equal_with_nan(a, b):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_dequantize_is_bit_exact_with_fp32_math(shape, dtype):
+@pytest.mark.parametrize("host", [True, False], ids=["cpu-numpy", "torch-ops"])
+def test_dequantize_is_bit_exact_with_fp32_math(shape, dtype, host, monkeypatch):
+    # The CPU reads the FP8 bytes through numpy; other devices (and tensor subclasses) take the plain torch ops, which
+    # `quantization.Fp8BlockLinear` runs on a GPU at every call: both give the same bits.
+    monkeypatch.setattr(fp8_module, "_on_host", lambda weight: host)
     q = all_fp8_values(shape)
     scale = torch.rand(scale_shape(shape)) * 1e-2 + 1e-5  # partial edge blocks get their own scale
     by_hand = (q.float() * expand(scale, shape)).to(dtype)  # fp32 product, rounded once
@@ -50,6 +55,12 @@ def test_dequantize_large_tensor_spans_several_chunks():
     chunks = list(iter_dequantize_block_fp8(q, scale, dtype=torch.bfloat16))
     assert len(chunks) > 1 and all(c.shape[0] % 128 == 0 for c in chunks[:-1])
     assert equal_with_nan(torch.cat(chunks), (q.float() * expand(scale, shape)).bfloat16())
+
+
+def test_dequantize_stays_on_the_weights_device():
+    q, scale = quantize_block_fp8(torch.randn(200, 330))
+    out = dequantize_block_fp8(q.to("meta"), scale, dtype=torch.bfloat16)  # the torch-ops path, no value read
+    assert out.device.type == "meta" and out.shape == (200, 330) and out.dtype == torch.bfloat16
 
 
 def test_dequantize_huge_scales_take_the_exact_slow_path():
