@@ -29,13 +29,6 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-_tracked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-_tracking_generation = 0  # bumped when a model is first tracked, so cached optimizer lookups are redone
-_optimizer_models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> weakref of the model it steps
-_hook_handle = None
-_automatic = True
-
 
 @dataclass
 class BalancingState:
@@ -53,36 +46,78 @@ class BalancingState:
     """Per-layer MaxVio of each update since the last read."""
 
 
+class BiasUpdateHook:
+    """The process's optimizer-step post hook and what it needs: the models to update (weakly held), the optimizers
+    bound to a model explicitly, and whether updates are on. One instance, `BIAS_UPDATE_HOOK`, which torch's global
+    hook registry calls; the functions below are its interface."""
+
+    def __init__(self):
+        self.tracked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self.generation = 0  # bumped when a model is first tracked, so cached optimizer lookups are redone
+        self.optimizer_models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> weakref of its model
+        self.enabled = True
+        self.handle = None
+
+    def track(self, model: nn.Module) -> None:
+        if model not in self.tracked:
+            self.tracked.add(model)
+            self.generation += 1
+        if self.handle is None:
+            self.handle = register_optimizer_step_post_hook(self)
+
+    def bind(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        self.track(model)
+        self.bound[optimizer] = weakref.ref(model)
+
+    def models_stepped_by(self, optimizer: torch.optim.Optimizer) -> list[nn.Module]:
+        bound = self.bound.get(optimizer)
+        if bound is not None:
+            model = bound()
+            return [model] if model is not None else []
+        signature = (self.generation, tuple(len(group["params"]) for group in optimizer.param_groups))
+        cached = self.optimizer_models.get(optimizer)
+        if cached is None or cached[0] != signature:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            models = [m for m in list(self.tracked) if any(id(p) in held for p in m.parameters())]
+            cached = (signature, [weakref.ref(m) for m in models])
+            self.optimizer_models[optimizer] = cached
+        return [m for m in (ref() for ref in cached[1]) if m is not None]
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        if not self.enabled or not len(self.tracked):
+            return
+        # A GradScaler calls a fused optimizer's step even on overflow (the kernel then does nothing): a skipped step
+        # moves no bias, as when it skips a non-fused optimizer's step altogether.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return
+        for model in self.models_stepped_by(optimizer):
+            if model.training and not balancing_state(model).manual:
+                update_balancing_bias(model, manual=False)
+
+
+BIAS_UPDATE_HOOK = BiasUpdateHook()
+
+
 def track(model: nn.Module) -> None:
     """Registers a model (the module owning the routers) for the automatic update. Called by `MoeMtpModel`."""
-    global _tracking_generation
-    if model not in _tracked:
-        _tracked.add(model)
-        _tracking_generation += 1
-    _install_hook()
-
-
-def _install_hook() -> None:
-    global _hook_handle
-    if _hook_handle is None:
-        _hook_handle = register_optimizer_step_post_hook(_after_optimizer_step)
+    BIAS_UPDATE_HOOK.track(model)
 
 
 @contextmanager
 def automatic_bias_update(enabled: bool):
     """Turns the automatic post-step update off (or on) inside the block, e.g. around a second optimizer's step."""
-    global _automatic
-    previous, _automatic = _automatic, enabled
+    previous, BIAS_UPDATE_HOOK.enabled = BIAS_UPDATE_HOOK.enabled, enabled
     try:
         yield
     finally:
-        _automatic = previous
+        BIAS_UPDATE_HOOK.enabled = previous
 
 
 def set_automatic_bias_update(enabled: bool) -> None:
     """Turns the automatic post-step update off (or on) for the whole process."""
-    global _automatic
-    _automatic = enabled
+    BIAS_UPDATE_HOOK.enabled = enabled
 
 
 def balancing_state(model: nn.Module) -> BalancingState:
@@ -119,7 +154,7 @@ def named_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def owner_of_routers(model: nn.Module) -> nn.Module:
     """The tracked module (MoeMtpModel) inside a causal LM, a PEFT or DDP wrapper; the model itself otherwise."""
     for module in model.modules():
-        if module in _tracked:
+        if module in BIAS_UPDATE_HOOK.tracked:
             return module
     return model
 
@@ -196,37 +231,7 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     engines whose optimizer steps copies or flat partitions of the parameters (DeepSpeed ZeRO), which the automatic
     lookup through the optimizer's parameters cannot trace back to the model. Bind the innermost torch optimizer,
     the one that really steps, on every rank."""
-    owner = owner_of_routers(model)
-    track(owner)
-    _bound[optimizer] = weakref.ref(owner)
-
-
-def _models_stepped_by(optimizer: torch.optim.Optimizer) -> list[nn.Module]:
-    bound = _bound.get(optimizer)
-    if bound is not None:
-        model = bound()
-        return [model] if model is not None else []
-    signature = (_tracking_generation, tuple(len(group["params"]) for group in optimizer.param_groups))
-    cached = _optimizer_models.get(optimizer)
-    if cached is None or cached[0] != signature:
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        models = [m for m in list(_tracked) if any(id(p) in held for p in m.parameters())]
-        cached = (signature, [weakref.ref(m) for m in models])
-        _optimizer_models[optimizer] = cached
-    return [m for m in (ref() for ref in cached[1]) if m is not None]
-
-
-def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    if not _automatic or not len(_tracked):
-        return
-    # A GradScaler calls a fused optimizer's step even on overflow (the kernel then does nothing): a skipped step
-    # moves no bias, as when it skips a non-fused optimizer's step altogether.
-    found_inf = getattr(optimizer, "found_inf", None)
-    if found_inf is not None and bool(found_inf):
-        return
-    for model in _models_stepped_by(optimizer):
-        if model.training and not balancing_state(model).manual:
-            update_balancing_bias(model, manual=False)
+    BIAS_UPDATE_HOOK.bind(optimizer, owner_of_routers(model))
 
 
 __all__ = [
