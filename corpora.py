@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sysconfig
 from pathlib import Path
+
+from .atomic import atomic_path, write_text
 
 # Test suites repeat one pattern thousands of times, and `site-packages` is not the stdlib.
 SKIPPED_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3", "ensurepip"}
@@ -68,11 +69,9 @@ def stdlib_code(max_bytes: int | None = None, heldout_fraction: float = 0.03) ->
 
 
 def write_jsonl(path: Path, documents: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for document in documents:
             f.write(json.dumps(document) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,9 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.output_dir / "train.jsonl", train)
     write_jsonl(args.output_dir / "heldout.jsonl", heldout)
-    tmp = info_path.with_name("info.json.partial")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, info_path)
+    write_text(info_path, json.dumps(info, indent=2) + "\n")
     print(
         f"{args.output_dir}: {info['train_files']} files ({info['train_bytes'] / 1e6:.1f} MB) to train on, "
         f"{info['heldout_files']} held out ({info['heldout_bytes'] / 1e6:.2f} MB)"

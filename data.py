@@ -24,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import atomic_path
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
 STORE_FORMAT = 1
@@ -192,11 +193,8 @@ def build_once(folder: Path, make: Callable[[Path], None], builder: bool, what: 
     with FileLock(str(folder) + ".lock"):
         if folder.is_dir():  # another run built it while this one waited for the lock
             return False
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)  # left by a build that was killed
-        partial.mkdir()
-        make(partial)
-        os.replace(partial, folder)
+        with atomic_path(folder, folder=True) as partial:  # a FOLDER.partial left by a killed build goes first
+            make(partial)
     return True
 
 

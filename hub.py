@@ -11,12 +11,13 @@ A folder saved by `MoeMtpForCausalLM.save_pretrained` loads in three ways:
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .atomic import atomic_path
 
 PACKAGE = Path(__file__).resolve().parent
 MODELING_DIR = PACKAGE / "modeling"
@@ -184,7 +185,8 @@ def _add_remote_code(folder: Path) -> None:
 
 
 def _publish(staging: Path, target: Path):
-    """Moves a finished save into place: one rename for a new folder, else one rename per file."""
+    """Moves a finished save into place (`atomic_path`'s install): one rename for a new folder, else one rename per
+    file, so that files of the target that the save does not write (a tokenizer, plots, a user's README) stay."""
     if not target.exists():
         os.replace(staging, target)
         return
@@ -216,18 +218,16 @@ def save_pretrained(model, super_save, save_directory, **kwargs):
         _barrier_if_distributed(model)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
     cls = type(model)
     auto_class, cls._auto_class = cls._auto_class, None  # the bundle below replaces transformers' code copying
     try:
-        super_save(staging, **kwargs)
-        if not getattr(model, "_hf_peft_config_loaded", False):
-            _add_remote_code(staging)
-            _write_card(model, staging, target)
-        _publish(staging, target)
+        with atomic_path(target, folder=True, unique=True, install=_publish) as staging:
+            super_save(staging, **kwargs)
+            if not getattr(model, "_hf_peft_config_loaded", False):
+                _add_remote_code(staging)
+                _write_card(model, staging, target)
     finally:
         cls._auto_class = auto_class
-        shutil.rmtree(staging, ignore_errors=True)
     _barrier_if_distributed(model)  # the other ranks return once the folder is in place
     if push_to_hub:
         repo_id = hub_kwargs.pop("repo_id", target.name)

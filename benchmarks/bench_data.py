@@ -79,7 +79,7 @@ def train_run(corpus: Path, cache: Path, output: Path, *extra: str) -> dict:
 def store_rate(store_folder: str, seconds: float = 3.0) -> float:
     """Blocks/s drawn from the store as training draws them: a quickstart micro-batch per step, in sampler order."""
     from moe_mtp.data import TokenStore
-    from moe_mtp.train import BlockSampler
+    from moe_mtp.training.dataloader import BlockSampler
 
     blocks = TokenStore(Path(store_folder)).blocks("train", SEQ)
     sampler = BlockSampler(len(blocks), BATCH, 1, 1, seed=0)

@@ -120,10 +120,11 @@ def heldout_ids(model_dir: Path, base: list[str]) -> torch.Tensor:
 
     from moe_mtp import data
     from moe_mtp import train as train_script
+    from moe_mtp.training.dataloader import cache_dir
 
     args = train_script.parse_args(base)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    cache = train_script.cache_dir(args)
+    cache = cache_dir(args)
     store, _ = data.prepare_store(data.Corpus.from_args(args), tokenizer, args.eval_fraction, cache, builder=True)
     blocks = store.blocks("eval", args.seq_len)
     return blocks[range(len(blocks))].flatten()

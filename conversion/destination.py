@@ -7,18 +7,19 @@ A run writes into `DST.partial`, which holds `.moe_mtp_partial` while it is inco
 3. `DST.partial` is renamed to DST;
 4. `DST.replaced` is deleted, then the marker in DST.
 
-Every step is a rename within one folder except the deletion, which happens once the new DST is in place. A kill at
-any point leaves the old DST or the new one complete, and `recover` (run first by every conversion into DST) reads
-which from the markers: before step 1 the partial output is discarded, after it the swap is finished. Only folders
-a marker identifies as ours are ever deleted.
+Every step is a rename within one folder except the deletion, which happens once the new DST is in place (steps 2
+and 3 are `moe_mtp.atomic.swap_in`, the package's one atomic-write helper). A kill at any point leaves the old DST or
+the new one complete, and `recover` (run first by every conversion into DST) reads which from the markers: before
+step 1 the partial output is discarded, after it the swap is finished. Only folders a marker identifies as ours are
+ever deleted.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
+from ..atomic import exists, remove, swap_in
 from .errors import ConversionError, DestinationExistsError
 
 # In DST.partial while a run writes it: a leftover DST.partial is replaced only if it carries this file,
@@ -48,17 +49,6 @@ def partial_of(dst: Path) -> Path:
 
 def replaced_of(dst: Path) -> Path:
     return sibling(dst, ".replaced")
-
-
-def exists(path: Path) -> bool:
-    return path.exists() or path.is_symlink()
-
-
-def remove(path: Path):
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif exists(path):
-        path.unlink()
 
 
 def _marked(folder: Path, marker: str) -> bool:
@@ -171,15 +161,7 @@ def install(partial: Path, dst: Path) -> list[str]:
     deleted completely, the new DST is in place anyway and the note says what is left where.
     """
     replaced = replaced_of(dst)
-    had_old = exists(dst)  # then `check` made sure that `replaced` did not exist
-    try:
-        if had_old:
-            os.rename(dst, replaced)
-        os.rename(partial, dst)
-    except BaseException:  # Ctrl-C included: put the old DST back, whichever rename was interrupted
-        if had_old and exists(replaced) and not exists(dst):
-            os.rename(replaced, dst)
-        raise
+    had_old = swap_in(partial, dst, replaced)  # if DST existed, `check` made sure that `replaced` did not
     if had_old:
         try:
             remove(replaced)

@@ -79,7 +79,7 @@ def test_overrides_apply_and_every_call_gets_its_own_copy():
 
 
 class _Tokenizer:
-    """What `train.build_model` reads of the BPE it trains: its size and special token ids."""
+    """What `training.model.build_model` reads of the BPE it trains: its size and special token ids."""
 
     pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
 
@@ -91,7 +91,8 @@ class _Tokenizer:
 
 
 def _trained_config(flags: list[str]) -> tuple[dict, MoeMtpConfig]:
-    from moe_mtp.train import build_model, parse_args
+    from moe_mtp.train import parse_args
+    from moe_mtp.training.model import build_model
 
     args = parse_args(flags)
     with torch.device("meta"):

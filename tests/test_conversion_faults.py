@@ -276,13 +276,13 @@ def test_deletion_that_fails_partway_happens_after_the_new_dst_is_in_place(
         files[0].unlink()  # deleted some, then fails on the next one
         raise PermissionError(1, "Operation not permitted", str(files[1]))
 
-    monkeypatch.setattr(destination.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
     summary = force(src, dst)
     replaced = destination.replaced_of(dst)
     assert strip_markers(snapshot(dst)) == versions[1] and replaced.is_dir()
     assert any(str(replaced) in note and "remove it yourself" in note for note in summary["notes"])
     assert str(replaced) in capsys.readouterr().err
-    monkeypatch.setattr(destination.shutil, "rmtree", real)
+    monkeypatch.setattr(shutil, "rmtree", real)
     force(src, dst)  # the next run cleans up what was left
     assert snapshot(dst) == versions[1] and not replaced.exists()
 
@@ -362,7 +362,7 @@ def _kill_child(src: Path, dst: Path, point: tuple[str, int] | None, delay: floa
 
     io.write_shard = counted("write_shard", io.write_shard)
     destination.os.rename = counted("rename", os.rename)
-    destination.shutil.rmtree = counted("rmtree", shutil.rmtree, before=half_delete)
+    shutil.rmtree = counted("rmtree", shutil.rmtree, before=half_delete)
     real_unlink = Path.unlink
 
     def unlink(path, *args, **kwargs):

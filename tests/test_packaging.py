@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("configuration", "modeling", "conversion")
+SUBPACKAGES = ("configuration", "modeling", "conversion", "training")
 # Not part of the source a wheel is built from; `shared` would only be large reference data.
 _NOT_SOURCE = shutil.ignore_patterns(
     ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "outputs",
@@ -37,10 +37,11 @@ from transformers import AutoConfig
 config = AutoConfig.for_model("moe_mtp")
 result = {
     "file": moe_mtp.__file__,
-    "training_modules": [m for m in ("moe_mtp.train", "moe_mtp.training", "moe_mtp.modeling.balancing")
+    "training_modules": [m for m in ("moe_mtp.train", "moe_mtp.training", "moe_mtp.training.loop",
+                                     "moe_mtp.training.mtp_align", "moe_mtp.modeling.balancing")
                          if importlib.util.find_spec(m)],
     "config_is_moe_mtp": isinstance(config, MoeMtpConfig),
-    "stray": [name for name in ("modeling", "configuration", "conversion") if importlib.util.find_spec(name)],
+    "stray": [name for name in ("modeling", "configuration", "conversion", "training") if importlib.util.find_spec(name)],
 }
 try:
     import modeling  # noqa: F401
@@ -130,7 +131,10 @@ def test_wheel_installs_into_fresh_venv(built, tmp_path):
     assert result["config_is_moe_mtp"], "AutoConfig.for_model('moe_mtp') did not build a MoeMtpConfig"
     assert result["stray"] == [], f"generic top-level modules importable: {result['stray']}"
     assert result["import_modeling"] == "failed"
-    assert result["training_modules"] == ["moe_mtp.train", "moe_mtp.training", "moe_mtp.modeling.balancing"]
+    assert result["training_modules"] == [
+        "moe_mtp.train", "moe_mtp.training", "moe_mtp.training.loop", "moe_mtp.training.mtp_align",
+        "moe_mtp.modeling.balancing",
+    ]  # fmt: skip
     assert (venv / "bin" / "moe-mtp-convert").exists(), "console script moe-mtp-convert was not installed"
 
 

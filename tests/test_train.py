@@ -16,7 +16,8 @@ import torch
 from conftest import write_corpus
 from safetensors.torch import load_file
 
-from moe_mtp.train import BlockSampler, parallel_layout, parse_args, train
+from moe_mtp.train import parse_args, train
+from moe_mtp.training.layout import parallel_layout
 
 STEPS = 10
 # A smoke run with a checkpoint every step, so a kill lands between, or inside, checkpoint writes.
@@ -147,38 +148,6 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(referen
     ddp_model = load_file(output_dir / "model" / "model.safetensors")
     for name, tensor in load_file(reference_run / "model" / "model.safetensors").items():
         torch.testing.assert_close(ddp_model[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
-
-
-def test_the_metrics_log_grows_by_appending_and_is_written_whole_at_checkpoints(tmp_path):
-    from moe_mtp.train import append_records, read_history, write_history
-
-    layers = ["layers.1", "layers.2"]
-    history = {"records": [{"step": 1, "loss": 2.0}], "load_steps": [1], "loads": [torch.ones(2, 4)], "layers": layers}
-    write_history(tmp_path, history)
-    history["written"] = 1  # as the training loop records after its first write
-    log, load = tmp_path / "metrics.jsonl", tmp_path / "expert_load.safetensors"
-    before = (log.stat().st_ino, load.stat().st_ino, load.stat().st_mtime_ns)
-    history["records"] += [{"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.7}]
-    history["load_steps"].append(2)
-    history["loads"].append(torch.full((2, 4), 2.0))
-    append_records(tmp_path, history)
-    # The same file, extended (a rewrite would be a new file renamed into place); the expert load is left alone.
-    assert (log.stat().st_ino, load.stat().st_ino, load.stat().st_mtime_ns) == before
-    assert [json.loads(line) for line in log.read_text().splitlines()] == history["records"]
-    append_records(tmp_path, history)  # nothing new: nothing written
-    assert len(log.read_text().splitlines()) == 3
-    write_history(tmp_path, history)
-    saved = read_history(tmp_path, layers)
-    assert saved["records"] == history["records"] and saved["load_steps"] == [1, 2]
-    assert torch.equal(torch.stack(saved["loads"]), torch.stack(history["loads"]))
-
-
-def test_block_sampler_splits_one_global_batch_over_processes():
-    one = BlockSampler(num_blocks=50, batch_size=4, grad_accum=2, world_size=1, seed=3)
-    two = BlockSampler(num_blocks=50, batch_size=2, grad_accum=2, world_size=2, seed=3)
-    for step in range(10):  # crosses epochs
-        for micro in range(2):
-            assert one.micro_batch(step, micro, 0) == two.micro_batch(step, micro, 0) + two.micro_batch(step, micro, 1)
 
 
 def test_a_second_run_in_the_same_folder_stops_with_one_line_saying_what_to_do(reference_run):

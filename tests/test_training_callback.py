@@ -1,4 +1,4 @@
-"""training.py: schedules, the Trainer callback's metrics, and LoRA over every projection (Trainer, save/load, merge)."""
+"""training/callback.py: the Trainer callback's metrics, and LoRA over every projection (Trainer, save/load, merge)."""
 
 import pytest
 import torch
@@ -6,21 +6,10 @@ from conftest import randomize_router_bias, tiny_config
 
 from moe_mtp import ROUTED_EXPERT_PARAMETERS, MoeMtpForCausalLM
 from moe_mtp.modeling.balancing import balancing_state
-from moe_mtp.training import MoeMtpCallback, StepSchedule
+from moe_mtp.training import MoeMtpCallback
 
 ATTENTION = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
-
-
-def test_step_schedule():
-    schedule = StepSchedule.parse("0.3,0.1@0.7")
-    assert [schedule(step, 10) for step in (0, 6, 7, 9)] == [0.3, 0.3, 0.1, 0.1]
-    assert StepSchedule.parse(1e-3)(5, 10) == 1e-3
-    assert StepSchedule.parse("1e-3,0@0.97")(97, 100) == 0.0
-    with pytest.raises(ValueError, match="mtp_loss_weight: cannot read 'x'"):
-        StepSchedule.parse("x", "mtp_loss_weight")
-    with pytest.raises(ValueError, match="from the start"):
-        StepSchedule.parse("0.1@0.5")
 
 
 def expected_lora_count(config) -> int:

@@ -24,20 +24,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path, write_text
+
 MTP_PREFIX = "model.mtp_layers."
 ALIGN_SUMMARY = "mtp_align.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("MTP alignment (--mtp-only / --add-mtp; see moe_mtp/mtp_align.py)")
+    group = parser.add_argument_group("MTP alignment (--mtp-only / --add-mtp; see moe_mtp/training/mtp_align.py)")
     group.add_argument(
         "--mtp-only",
         action="store_true",
@@ -87,7 +87,7 @@ def token_blocks(args, tokenizer) -> tuple:
     """(training blocks, held-out blocks as a tensor) from the corpus's token store, the one `python -m
     moe_mtp.train` builds and caches: the same documents are held out, by a hash of their text, so a model trained
     on this corpus never saw the held-out blocks."""
-    from . import data as token_data
+    from .. import data as token_data
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else token_data.default_cache_dir()
     corpus = token_data.Corpus.from_args(args)
@@ -124,14 +124,14 @@ def quantization_config(args):
 
 
 def saved_mtp_depth(folder) -> int:
-    from .conversion import read_config_dict
+    from ..conversion import read_config_dict
 
     return int(read_config_dict(folder, mtp_from_weights=True).get("num_nextn_predict_layers") or 0)
 
 
 def load_model(args, depth: int, dtype=torch.float32, quantized: bool = True):
     """The --model folder with `depth` MTP modules (missing ones initialized), quantized as asked."""
-    from .modeling import MoeMtpForCausalLM
+    from ..modeling import MoeMtpForCausalLM
 
     kwargs = {"num_nextn_predict_layers": depth}
     bnb = quantization_config(args) if quantized else None
@@ -150,9 +150,9 @@ def init_new_modules(model, folder, first_new: int, how: str) -> None:
     model; `random` keeps the model's initializer."""
     if how == "random" or first_new >= len(model.model.mtp_layers):
         return
-    from .conversion.lazy import lazy_state_dict
-    from .modeling.loading import fuse_expert_keys
-    from .modeling.modeling_moe_mtp import MoeMtpExperts
+    from ..conversion.lazy import lazy_state_dict
+    from ..modeling.loading import fuse_expert_keys
+    from ..modeling.modeling_moe_mtp import MoeMtpExperts
 
     last = model.config.num_hidden_layers - 1
     prefix = f"model.layers.{last}."
@@ -289,7 +289,7 @@ def measure(model, eval_blocks, prompts, args, device) -> dict:
 
 def compare_main_tensors(source, written) -> int:
     """Checks that every tensor of `source` outside the MTP modules is in `written`, bit for bit. Returns how many."""
-    from .conversion.lazy import lazy_state_dict
+    from ..conversion.lazy import lazy_state_dict
 
     ours, theirs = lazy_state_dict(source), lazy_state_dict(written)
     try:
@@ -300,7 +300,7 @@ def compare_main_tensors(source, written) -> int:
             if b is None or a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
                 raise RuntimeError(
                     f"{written}: main-model tensor {name} differs from {source}'s; the output is not kept. "
-                    "This is a bug in moe_mtp.mtp_align: please report it."
+                    "This is a bug in moe_mtp.training.mtp_align: please report it."
                 )
         return len(names)
     finally:
@@ -311,10 +311,8 @@ def compare_main_tensors(source, written) -> int:
 def write_model(args, mtp_state: dict, depth: int, tokenizer, output_dir: Path, drafts: int) -> int:
     """OUT/model: the input folder reloaded unquantized in its own dtype, with the trained MTP modules and `drafts`
     as its `num_mtp_draft_tokens`, written to `model.partial`, compared with the input, then renamed into place."""
-    final, partial = output_dir / "model", output_dir / "model.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     model = load_model(args, depth, dtype="auto", quantized=False)
-    from .modeling.loading import fuse_expert_keys
+    from ..modeling.loading import fuse_expert_keys
 
     own = model.state_dict()
     mtp_state = fuse_expert_keys(mtp_state)  # a quantized training model holds per-expert modules
@@ -325,13 +323,10 @@ def write_model(args, mtp_state: dict, depth: int, tokenizer, output_dir: Path, 
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in mtp_state.items()}, strict=False)
     model.config.use_cache = model.generation_config.use_cache = True
     model.config.num_mtp_draft_tokens = drafts
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    checked = compare_main_tensors(args.model, partial)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    return checked
+    with atomic_path(output_dir / "model", folder=True) as partial:  # not renamed into place if the check fails
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        return compare_main_tensors(args.model, partial)
 
 
 def prepare_output(args) -> Path:
@@ -348,32 +343,16 @@ def prepare_output(args) -> Path:
 
 
 def run(args) -> dict:
-    from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
+    """`--mtp-only`/`--add-mtp`: trains the MTP modules of --model on its own predictions, writes OUT/model and
+    OUT/mtp_align.json, and returns the summary."""
+    from transformers import AutoTokenizer
 
-    if not args.model:
-        raise SystemExit("--mtp-only/--add-mtp need --model DIR: the finished model whose MTP modules to train")
-    if args.resume:
-        raise SystemExit("--mtp-only runs are short and write no checkpoints: drop --resume")
-    fixed_drafts(args)
+    check_args(args)
     output_dir = prepare_output(args)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-
-    saved = saved_mtp_depth(args.model)
-    depth = saved
-    if args.add_mtp is not None:
-        if args.add_mtp < 1:
-            raise SystemExit(f"--add-mtp must be at least 1, got {args.add_mtp}")
-        if saved >= args.add_mtp:
-            raise SystemExit(
-                f"--add-mtp {args.add_mtp}: {args.model} already has {saved} MTP module(s); "
-                "re-align them with --mtp-only instead"
-            )
-        depth = args.add_mtp
-    elif saved == 0:
-        raise SystemExit(f"--mtp-only: {args.model} has no MTP modules; pass --add-mtp N to create and train N")
-
+    saved, depth = mtp_depths(args)
     model = load_model(args, depth)
     if depth > saved:
         init_new_modules(model, args.model, saved, args.mtp_init)
@@ -391,6 +370,79 @@ def run(args) -> dict:
         f"({len(prompts)} prompts x {args.acceptance_tokens} tokens), {before['teacher_forced']:.3f} teacher-forced",
         flush=True,
     )
+    history, seconds = align(model, trainable, train_blocks, args, device)
+    after = measure(model, eval_blocks, prompts, args, device)
+    print(
+        f"MTP greedy acceptance on held-out text after:  {after['acceptance']:.3f} decoding, "
+        f"{after['teacher_forced']:.3f} teacher-forced ({args.max_steps} steps, {seconds:.0f} s)",
+        flush=True,
+    )
+    drafts, speeds = choose_drafts(model, prompts, args)
+    if speeds:
+        table = ", ".join(f"{count} draft{'s' * (count > 1)} {ratio:.2f}x" for count, ratio in speeds.items())
+        print(
+            f"MTP decoding speed vs plain on the held-out prompts (batch 1): {table}; saving "
+            f"num_mtp_draft_tokens={drafts}",
+            flush=True,
+        )
+    mtp_state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(MTP_PREFIX)}
+    del model
+    checked = write_model(args, mtp_state, depth, tokenizer, output_dir, drafts)
+    print(f"{output_dir / 'model'}: {checked} main-model tensors bit-identical to {args.model}'s", flush=True)
+
+    summary = {
+        "model": args.model,
+        "data": list(args.data) or ["pydoc_data/topics.py"],
+        "mtp_modules": depth,
+        "added": depth - saved,
+        "init": args.mtp_init if depth > saved else None,
+        "targets": args.mtp_targets,
+        "quantized": "int8" if args.load_in_8bit else "nf4" if args.load_in_4bit else None,
+        "steps": args.max_steps,
+        "seconds": seconds,
+        "train_blocks": len(train_blocks),
+        "eval_blocks": len(eval_blocks),
+        "before": before,
+        "after": after,
+        "num_mtp_draft_tokens": drafts,
+        "speed_by_drafts": speeds,
+        "main_tensors_identical": checked,
+        "history": history,
+    }
+    write_text(output_dir / ALIGN_SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def check_args(args) -> None:
+    """Refuses what a re-alignment cannot do, before any loading."""
+    if not args.model:
+        raise SystemExit("--mtp-only/--add-mtp need --model DIR: the finished model whose MTP modules to train")
+    if args.resume:
+        raise SystemExit("--mtp-only runs are short and write no checkpoints: drop --resume")
+    fixed_drafts(args)
+
+
+def mtp_depths(args) -> tuple[int, int]:
+    """(MTP modules --model has, MTP modules the output gets)."""
+    saved = saved_mtp_depth(args.model)
+    if args.add_mtp is None:
+        if saved == 0:
+            raise SystemExit(f"--mtp-only: {args.model} has no MTP modules; pass --add-mtp N to create and train N")
+        return saved, saved
+    if args.add_mtp < 1:
+        raise SystemExit(f"--add-mtp must be at least 1, got {args.add_mtp}")
+    if saved >= args.add_mtp:
+        raise SystemExit(
+            f"--add-mtp {args.add_mtp}: {args.model} already has {saved} MTP module(s); "
+            "re-align them with --mtp-only instead"
+        )
+    return saved, args.add_mtp
+
+
+def align(model, trainable: list[torch.nn.Parameter], train_blocks, args, device) -> tuple[list[dict], float]:
+    """Trains the MTP modules on the main model's own predictions (`--mtp-targets`) with AdamW, warmup and cosine
+    decay, the main model frozen; returns the logged records and the seconds it took."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     config = model.config
     config.mtp_loss_targets, config.mtp_loss_weight = args.mtp_targets, 1.0
@@ -431,51 +483,8 @@ def run(args) -> dict:
             history.append({"step": step + 1, "distill_loss": total, "lr": scheduler.get_last_lr()[0]})
             progress.set_postfix(loss=f"{total:.3f}")
     progress.close()
-    seconds = time.perf_counter() - start
     config.mtp_loss_targets, config.mtp_loss_weight = "labels", 0.3
-
-    after = measure(model, eval_blocks, prompts, args, device)
-    print(
-        f"MTP greedy acceptance on held-out text after:  {after['acceptance']:.3f} decoding, "
-        f"{after['teacher_forced']:.3f} teacher-forced ({args.max_steps} steps, {seconds:.0f} s)",
-        flush=True,
-    )
-    drafts, speeds = choose_drafts(model, prompts, args)
-    if speeds:
-        table = ", ".join(f"{count} draft{'s' * (count > 1)} {ratio:.2f}x" for count, ratio in speeds.items())
-        print(
-            f"MTP decoding speed vs plain on the held-out prompts (batch 1): {table}; saving "
-            f"num_mtp_draft_tokens={drafts}",
-            flush=True,
-        )
-    mtp_state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(MTP_PREFIX)}
-    del model, optimizer
-    checked = write_model(args, mtp_state, depth, tokenizer, output_dir, drafts)
-    print(f"{output_dir / 'model'}: {checked} main-model tensors bit-identical to {args.model}'s", flush=True)
-
-    summary = {
-        "model": args.model,
-        "data": list(args.data) or ["pydoc_data/topics.py"],
-        "mtp_modules": depth,
-        "added": depth - saved,
-        "init": args.mtp_init if depth > saved else None,
-        "targets": args.mtp_targets,
-        "quantized": "int8" if args.load_in_8bit else "nf4" if args.load_in_4bit else None,
-        "steps": args.max_steps,
-        "seconds": seconds,
-        "train_blocks": len(train_blocks),
-        "eval_blocks": len(eval_blocks),
-        "before": before,
-        "after": after,
-        "num_mtp_draft_tokens": drafts,
-        "speed_by_drafts": speeds,
-        "main_tensors_identical": checked,
-        "history": history,
-    }
-    tmp = output_dir / (ALIGN_SUMMARY + ".partial")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, output_dir / ALIGN_SUMMARY)
-    return summary
+    return history, time.perf_counter() - start
 
 
 __all__ = ["add_arguments", "run", "teacher_forced_acceptance", "decoding_acceptance"]

@@ -187,8 +187,8 @@ def test_trainer_path_trains_only_the_mtp_module_on_the_models_own_predictions(t
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from moe_mtp.mtp_align import teacher_forced_acceptance
     from moe_mtp.training import MoeMtpCallback
+    from moe_mtp.training.mtp_align import teacher_forced_acceptance
 
     model = MoeMtpForCausalLM.from_pretrained(trained, dtype=torch.float32)
     with torch.no_grad():  # start from a useless module, so that the gain is the callback's doing
