@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from transformers.utils import logging
 
 from moe_mtp import MoeMtpForCausalLM
+from moe_mtp.atomic import replace
 from moe_mtp.configuration import preset, preset_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,9 +108,7 @@ def train_model(folder: Path, model_preset: str, steps: int, seq_len: int, batch
             "final_main_loss": statistics.mean(h[0] for h in tail), "final_mtp_loss": statistics.mean(h[1] for h in tail),
         }  # fmt: skip
         (tmp / "bench_training.json").write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        replace(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -144,9 +142,7 @@ def align_model(model_dir: Path, aligned_dir: Path, steps: int, quick: bool, dev
         subprocess.run(command, check=True)
         summary = json.loads((work / "out" / "mtp_align.json").read_text())
         (work / "out" / "model" / "mtp_align.json").write_text(json.dumps(summary, indent=2))
-        if aligned_dir.exists():
-            shutil.rmtree(aligned_dir)
-        os.replace(work / "out" / "model", aligned_dir)
+        replace(work / "out" / "model", aligned_dir)
         return summary
     finally:
         shutil.rmtree(work, ignore_errors=True)

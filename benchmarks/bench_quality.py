@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from moe_mtp.atomic import replace
 
 OUT = Path(__file__).resolve().parents[1] / "outputs" / "bench_quality"
 AGREEMENT = {"int8": 0.97, "nf4": 0.90, "fp8": 0.98}
@@ -109,8 +110,7 @@ def train(steps: int, minutes: float):
     plt.tight_layout()
     plt.savefig(partial / "loss.png", dpi=100)
     final = OUT / "model"
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
+    replace(partial, final)
     print(f"trained {len(losses)} steps in {(time.time() - start) / 60:.1f} min, last loss {losses[-1]:.3f}")
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import shutil
 import sys
@@ -42,6 +41,8 @@ import bench_memory
 import bench_quality
 import torch
 from tqdm.auto import tqdm
+
+from moe_mtp.atomic import replace
 
 ROOT = Path(__file__).resolve().parents[1]
 # DeepSeek-V3: 37B of 671B parameters active per token (the main model; the MTP module adds 14B).
@@ -388,7 +389,7 @@ def plot(path: Path, runs, quant, decode, params) -> None:
     tmp = path.with_name(path.stem + ".partial.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    replace(tmp, path)
 
 
 def main(argv=None):
@@ -433,9 +434,7 @@ def main(argv=None):
     (partial / "claims.md").write_text(table)
     (partial / "claims.json").write_text(json.dumps(result, indent=2, default=float))
     plot(partial / "claims.png", runs, quant, decode, params)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    replace(partial, out)  # the old results are deleted only once the new ones are in place
     print("\n" + table)
     print(f"wrote {out}/claims.md, claims.json, claims.png and runs/ in {result['seconds'] / 60:.1f} min")
 
