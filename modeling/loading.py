@@ -220,7 +220,8 @@ def load_model(cls, load, path, *model_args, **kwargs):
     if family is None:  # not a local folder: route by the config's model_type
         family = (saved or {}).get("model_type")
     keep_fp8 = quantization.check_quantized_load(kwargs, saved)
-    if _loads_lazily(path, family, saved, kwargs, keep_fp8):
+    lazily = _loads_lazily(path, family, saved, kwargs, keep_fp8)
+    if lazily:  # notes dropped MTP modules itself
         subfolder = kwargs.pop("subfolder", None)
         folder = os.path.join(path, subfolder) if subfolder else path
         loaded = _from_folder_lazily(
@@ -229,11 +230,11 @@ def load_model(cls, load, path, *model_args, **kwargs):
     else:
         with expert_checkpoint_mapping(_builds_expert_list(kwargs, saved)):
             loaded = load(path, *model_args, **kwargs)
-        model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info)
-        saved_depth = (saved or {}).get("num_nextn_predict_layers")
-        if isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
-            _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
-    quantization.after_bnb_load(loaded[0] if kwargs.get("output_loading_info") else loaded)
+    model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info)
+    saved_depth = (saved or {}).get("num_nextn_predict_layers")
+    if not lazily and isinstance(saved_depth, int) and saved_depth > model.config.num_nextn_predict_layers:
+        _note_dropped_mtp(saved_depth, model.config.num_nextn_predict_layers)
+    quantization.after_bnb_load(model)
     return loaded
 
 

@@ -363,22 +363,20 @@ def _kill_child(src: Path, dst: Path, point: tuple[str, int] | None, delay: floa
     io.write_shard = counted("write_shard", io.write_shard)
     destination.os.rename = counted("rename", os.rename)
     shutil.rmtree = counted("rmtree", shutil.rmtree, before=half_delete)
-    real_unlink = Path.unlink
 
-    def unlink(path, *args, **kwargs):
-        if path.name == destination.COMPLETE_MARKER and point == ("unlink", 1):
-            die()
-        return real_unlink(path, *args, **kwargs)
+    def die_before(method: str, marker: str, at: tuple[str, int]):
+        """Path.`method` on the marker file kills the child first, at kill point `at`."""
+        real = getattr(Path, method)
 
-    Path.unlink = unlink
-    real_write_text = Path.write_text
+        def wrapper(path, *args, **kwargs):
+            if path.name == marker and point == at:
+                die()
+            return real(path, *args, **kwargs)
 
-    def write_text(path, *args, **kwargs):
-        if path.name == destination.PARTIAL_MARKER and point == ("marker", 1):
-            die()
-        return real_write_text(path, *args, **kwargs)
+        setattr(Path, method, wrapper)
 
-    Path.write_text = write_text
+    die_before("unlink", destination.COMPLETE_MARKER, ("unlink", 1))
+    die_before("write_text", destination.PARTIAL_MARKER, ("marker", 1))
     if delay is not None:
         threading.Timer(delay, die).start()
     force(src, dst)
