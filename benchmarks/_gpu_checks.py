@@ -17,13 +17,14 @@ import time
 import torch
 from transformers.utils import logging
 
-from moe_mtp import MoeMtpConfig, MoeMtpForCausalLM
+from moe_mtp import MoeMtpForCausalLM
+from moe_mtp.configuration import preset
 
-# DeepSeek-V3's MoE layer: hidden 7168, 256 routed experts of width 2048, top-8 in 4 of 8 groups, 1 shared expert.
-MOE_FULL = dict(hidden_size=7168, moe_intermediate_size=2048, n_routed_experts=256, num_experts_per_tok=8, n_group=8,
-                topk_group=4, n_shared_experts=1, tokens=8192)  # fmt: skip
+# DeepSeek-V3's MoE layer as released (hidden 7168, 256 routed experts of width 2048, top-8 in 4 of 8 groups, 1 shared
+# expert); the dry run's is V3's routing shrunk to 16 experts.
+MOE_FULL = dict(tokens=8192)
 MOE_DRY = dict(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
-               topk_group=2, n_shared_experts=1, tokens=256)  # fmt: skip
+               topk_group=2, tokens=256)  # fmt: skip
 
 
 def synchronize(device):
@@ -55,7 +56,7 @@ def moe_layers(dims: dict, device, dtype):
     from moe_mtp.modeling.modeling_moe_mtp import MoeMtpMoE
 
     sizes = {k: v for k, v in dims.items() if k != "tokens"}
-    config = MoeMtpConfig(**sizes, num_hidden_layers=1, first_k_dense_replace=0, vocab_size=256)
+    config = preset("deepseek-v3", **sizes, num_hidden_layers=1, first_k_dense_replace=0, vocab_size=256)
     for name in ("moe_mtp", "transformers grouped_mm"):
         torch.manual_seed(0)
         with torch.device(device):
@@ -98,18 +99,18 @@ def run_quant(dry_run: bool):
     from transformers import BitsAndBytesConfig
 
     device = torch.device("cpu" if dry_run else "cuda")
-    sizes = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-                 num_attention_heads=4, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
-                 q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                 vocab_size=512)  # fmt: skip
-    if not dry_run:
-        sizes.update(hidden_size=2048, intermediate_size=4096, moe_intermediate_size=512, num_hidden_layers=4,
-                     num_attention_heads=16, n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=6,
-                     q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-                     vocab_size=32000)  # fmt: skip
+    if dry_run:
+        config = preset("tiny", vocab_size=512, num_hidden_layers=2, num_nextn_predict_layers=1)
+    else:  # DeepSeek-V3 at ~1B parameters: 4 layers of width 2048, 64 experts top-6
+        config = preset(
+            "deepseek-v3", hidden_size=2048, intermediate_size=4096, moe_intermediate_size=512, num_hidden_layers=4,
+            first_k_dense_replace=1, num_attention_heads=16, n_routed_experts=64, num_experts_per_tok=6,
+            q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+            vocab_size=32000,
+        )  # fmt: skip
     torch.manual_seed(0)
-    model = MoeMtpForCausalLM(MoeMtpConfig(**sizes, first_k_dense_replace=1, num_nextn_predict_layers=1))
-    input_ids = torch.randint(0, sizes["vocab_size"], (2, 64), device=device)
+    model = MoeMtpForCausalLM(config)
+    input_ids = torch.randint(0, config.vocab_size, (2, 64), device=device)
     with tempfile.TemporaryDirectory() as folder:
         model.to(torch.bfloat16).save_pretrained(folder)
         reference = MoeMtpForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moe_mtp.configuration import MoeMtpConfig
+from moe_mtp.configuration import MoeMtpConfig, preset
 from moe_mtp.conversion import convert, deepseek_config_dict
 from moe_mtp.conversion.fp8 import scale_shape
 from moe_mtp.conversion.rules import RELEASE_FP8
@@ -40,11 +40,11 @@ def bench_config(size_mb: int) -> MoeMtpConfig:
     checkpoint built is the smallest of these shapes that is not below the size asked for."""
     for vocab, experts in ((4096, 8), (8192, 16), (16384, 32), (32768, 32)):
         for layers in range(2, 202):
-            config = MoeMtpConfig(
-                vocab_size=vocab, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
-                num_hidden_layers=layers, num_attention_heads=8, n_routed_experts=experts, n_group=4, topk_group=2,
-                num_experts_per_tok=4, first_k_dense_replace=1, q_lora_rank=384, kv_lora_rank=256,
-                qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, num_nextn_predict_layers=1,
+            config = preset(
+                "deepseek-v3", vocab_size=vocab, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                num_hidden_layers=layers, num_attention_heads=8, n_routed_experts=experts, n_group=4,
+                topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1, q_lora_rank=384, kv_lora_rank=256,
+                qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
             )  # fmt: skip
             size = bf16_size_mb(config)
             if size >= size_mb:

@@ -79,14 +79,14 @@ print(json.dumps({"footprint": model.get_memory_footprint(), "before": before, "
 
 
 def bench_config(experts: int, hidden: int):
-    from moe_mtp import MoeMtpConfig
+    from moe_mtp.configuration import preset
 
-    return MoeMtpConfig(
-        vocab_size=4096, hidden_size=hidden, intermediate_size=4 * hidden, moe_intermediate_size=hidden // 4,
-        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=8, n_routed_experts=experts,
-        num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1, q_lora_rank=hidden // 2,
-        kv_lora_rank=hidden // 4, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-        num_nextn_predict_layers=1, max_position_embeddings=1024,
+    # DeepSeek-V3's routing (top-8 in 4 of 8 groups, 1 shared expert, 1 MTP module) at a width that fits here.
+    return preset(
+        "deepseek-v3", vocab_size=4096, hidden_size=hidden, intermediate_size=4 * hidden,
+        moe_intermediate_size=hidden // 4, num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=8,
+        n_routed_experts=experts, q_lora_rank=hidden // 2, kv_lora_rank=hidden // 4,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, max_position_embeddings=1024,
     )  # fmt: skip
 
 

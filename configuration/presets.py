@@ -91,6 +91,7 @@ _BENCH_DECODE = dict(
     seq_aux_loss_alpha=0.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )  # fmt: skip
 
+# fmt: off
 PRESETS: dict[str, Preset] = {
     "deepseek-v3": Preset(
         "DeepSeek-V3 (671B total, 37B active): the released config.json, also DeepSeek-R1's and V3.1's. MLA with "
@@ -203,6 +204,7 @@ PRESETS: dict[str, Preset] = {
         ),  # fmt: skip
     ),
 }
+# fmt: on
 
 # MoeMtpConfig field -> `python -m moe_mtp.train` argument, for the fields the script takes.
 TRAIN_FLAGS = {
@@ -228,8 +230,14 @@ def _get(name: str) -> Preset:
 
 
 def preset_kwargs(name: str, **overrides) -> dict:
-    """The `MoeMtpConfig` keyword arguments of preset `name`, updated with `overrides` (a fresh copy each call)."""
-    return {**copy.deepcopy(_get(name).config), **overrides}
+    """The `MoeMtpConfig` keyword arguments of preset `name`, updated with `overrides` (a fresh copy each call).
+
+    MLA has one key/value head per query head, so overriding `num_attention_heads` alone sets `num_key_value_heads`
+    to match."""
+    kwargs = {**copy.deepcopy(_get(name).config), **overrides}
+    if "num_attention_heads" in overrides and "num_key_value_heads" not in overrides:
+        kwargs.pop("num_key_value_heads", None)  # MoeMtpConfig sets it to num_attention_heads
+    return kwargs
 
 
 def preset(name: str, **overrides) -> MoeMtpConfig:

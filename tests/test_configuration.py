@@ -8,15 +8,7 @@ import re
 import pytest
 from conftest import reference_config
 
-from moe_mtp.configuration import MoeMtpConfig
-
-# A small valid config: 8 experts in 2 groups, one group per token, so 4 experts are reachable.
-TINY = dict(
-    vocab_size=1000, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-    num_attention_heads=4, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
-    first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
-    v_head_dim=16, num_nextn_predict_layers=1,
-)  # fmt: skip
+from moe_mtp.configuration import MoeMtpConfig, preset
 
 POSITIVE_INTS = [
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -28,7 +20,8 @@ TRAINING_KNOBS = ["mtp_loss_weight", "bias_update_speed", "seq_aux_loss_alpha"]
 
 
 def tiny(**overrides) -> MoeMtpConfig:
-    return MoeMtpConfig(**{**TINY, **overrides})
+    """The "tiny" preset: 8 experts in 4 groups of which 2 are eligible per token, so 4 experts are reachable."""
+    return preset("tiny", **overrides)
 
 
 def _case(field, overrides, id):
@@ -46,7 +39,7 @@ INVALID = [
     _case("topk_method", {"topk_method": "top_p"}, "topk_method-unknown"),
     _case("hidden_act", {"hidden_act": "tanh"}, "hidden_act-unknown"),
     _case("n_routed_experts", {"n_routed_experts": 9}, "n_routed_experts-not-divisible-by-n_group"),
-    _case("topk_group", {"topk_group": 3}, "topk_group-above-n_group"),
+    _case("topk_group", {"topk_group": 5}, "topk_group-above-n_group"),
     # Group-limited methods reach only topk_group * experts-per-group = 4 of the 8 experts.
     *[
         _case("num_experts_per_tok", {"topk_method": m, "num_experts_per_tok": 5}, f"num_experts_per_tok-{m}")

@@ -35,15 +35,11 @@ print(json.dumps({"before": before, "peak": peak, "final": rss("VmRSS"), "footpr
 
 
 def test_int8_load_of_a_released_fp8_folder_peaks_near_its_final_rss(tmp_path):
-    from moe_mtp import MoeMtpConfig, MoeMtpForCausalLM
+    from moe_mtp import MoeMtpForCausalLM
+    from moe_mtp.configuration import preset
     from moe_mtp.conversion import convert
 
-    config = MoeMtpConfig(
-        vocab_size=1024, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=2,
-        first_k_dense_replace=1, num_attention_heads=4, n_routed_experts=32, num_experts_per_tok=4, n_group=4,
-        topk_group=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
-        num_nextn_predict_layers=1,
-    )  # fmt: skip
+    config = preset("bench-model", vocab_size=1024, num_hidden_layers=2, num_nextn_predict_layers=1)
     MoeMtpForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # ~60 MB in bf16
     convert(tmp_path / "bf16", tmp_path / "release", dst_format="deepseek", dtype="fp8", progress=False)
     result = subprocess.run(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..configuration import MoeMtpConfig
+from ..configuration.presets import TRAIN_FLAGS
 from ..modeling import MoeMtpForCausalLM
 from .distributed import split_groups_by_mesh
 
@@ -13,27 +14,12 @@ from .distributed import split_groups_by_mesh
 def build_model(args, tokenizer) -> MoeMtpForCausalLM:
     if args.model:
         return MoeMtpForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    # The script's model flags under their config names (the mapping the presets use), then what the data decides.
+    fields = {field: getattr(args, flag) for field, flag in TRAIN_FLAGS.items()}
+    fields.update(vocab_size=len(tokenizer), q_lora_rank=args.q_lora_rank or None)  # the BPE's real size; 0 = none
     config = MoeMtpConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        moe_intermediate_size=args.moe_intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        first_k_dense_replace=args.first_k_dense,
-        n_routed_experts=args.n_routed_experts,
-        n_shared_experts=args.n_shared_experts,
-        num_experts_per_tok=args.top_k,
-        n_group=args.n_group,
-        topk_group=args.topk_group,
-        q_lora_rank=args.q_lora_rank or None,
-        kv_lora_rank=args.kv_lora_rank,
-        qk_nope_head_dim=args.qk_nope_head_dim,
-        qk_rope_head_dim=args.qk_rope_head_dim,
-        v_head_dim=args.v_head_dim,
-        num_nextn_predict_layers=args.mtp_depth,
+        **fields,
         max_position_embeddings=args.seq_len,
-        seq_aux_loss_alpha=args.seq_aux_loss_alpha,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

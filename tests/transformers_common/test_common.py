@@ -16,6 +16,7 @@ from transformers_tests.test_modeling_common import ModelTesterMixin, ids_tensor
 from transformers_tests.test_training_mixin import TrainingTesterMixin
 
 from moe_mtp import MoeMtpConfig, MoeMtpForCausalLM, MoeMtpModel, MoeMtpPreTrainedModel
+from moe_mtp.configuration import preset
 
 # The mixins tell base models from heads (labels, which classes must return a loss, the base class for the RoPE
 # tests) by these name tables, which list transformers' in-tree models only; an in-tree model would be in them.
@@ -46,14 +47,15 @@ class MoeMtpModelTester:
         self.num_nextn_predict_layers = num_nextn_predict_layers
 
     def get_config(self) -> MoeMtpConfig:
-        return MoeMtpConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+        # The tests' "tiny" preset (V3 routing over 4 groups) at the sizes the mixins ask for, with plain RoPE: the
+        # mixins' RoPE tests compare their own scaling against an unscaled model.
+        return preset(
+            "tiny", vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             moe_intermediate_size=self.moe_intermediate_size, num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads, n_routed_experts=self.n_routed_experts,
-            num_experts_per_tok=self.num_experts_per_tok, n_shared_experts=1, n_group=2, topk_group=1,
-            first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32,
-            v_head_dim=32, max_position_embeddings=512, initializer_range=0.02, attention_dropout=0.0,
-            num_nextn_predict_layers=self.num_nextn_predict_layers, pad_token_id=0, use_cache=True,
+            num_experts_per_tok=self.num_experts_per_tok, num_nextn_predict_layers=self.num_nextn_predict_layers,
+            max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            use_cache=True,
         )  # fmt: skip
 
     def prepare_config_and_inputs(self):
