@@ -1,10 +1,10 @@
 """Auxiliary-loss-free load balancing (DeepSeek-V3, section 2.1.2): the balancing bias moves once per optimizer step.
 
-Every router counts the tokens it sends to each expert in training-mode forwards (`tokens_per_expert`; the
-recomputation inside backward under activation checkpointing is not counted). After each optimizer step,
-`update_balancing_bias` sums those counts over data-parallel ranks, moves every MoE layer's
-`e_score_correction_bias` by `gamma * sign(mean_load - load_i)` (gamma = `config.bias_update_speed`, 0 freezes it) and
-resets the counts. The bias is a buffer: saved with the model, never seen by the optimizer.
+Every MoE layer counts the tokens its router sends to each expert in training-mode forwards (`count_routed_tokens`
+into the router's `tokens_per_expert`; the recomputation inside backward under activation checkpointing is not
+counted). After each optimizer step, `update_balancing_bias` sums those counts over data-parallel ranks, moves every
+MoE layer's `e_score_correction_bias` by `gamma * sign(mean_load - load_i)` (gamma = `config.bias_update_speed`, 0
+freezes it) and resets the counts. The bias is a buffer: saved with the model, never seen by the optimizer.
 
 Who calls it: torch's global optimizer-step post hook (`torch.optim.optimizer.register_optimizer_step_post_hook`).
 It runs after every real `optimizer.step()` of any torch optimizer, so a plain `Trainer`, an Accelerate loop (whose
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.module_tracker import ModuleTracker
 
 
 @dataclass
@@ -126,6 +127,30 @@ def balancing_state(model: nn.Module) -> BalancingState:
         state = BalancingState()
         model._balancing_state = state
     return state
+
+
+# Asked only whether autograd's engine is running: its `is_bw` is torch's public form of that question.
+_AUTOGRAD = ModuleTracker()
+
+
+def count_routed_tokens(router: nn.Module, topk_indices: torch.Tensor, token_mask: torch.Tensor | None = None):
+    """Adds the tokens a training-mode forward sent to each expert to `router.tokens_per_expert`.
+
+    `token_mask` (True = real token) keeps padding out. The recomputation that activation checkpointing runs inside
+    backward is not counted, or a checkpointed layer would count its tokens twice."""
+    if not router.training or (not torch.compiler.is_compiling() and _AUTOGRAD.is_bw):
+        return
+    counts = router.tokens_per_expert
+    if counts.device != topk_indices.device:  # a plain tensor, not a buffer: `model.to(...)` leaves it behind
+        counts = (
+            torch.zeros_like(counts, device=topk_indices.device) if counts.is_meta else counts.to(topk_indices.device)
+        )
+        router.tokens_per_expert = counts
+    # A masked scatter_add rather than bincount of the real tokens: fixed shapes, so torch.compile keeps it.
+    counted = torch.ones_like(topk_indices, dtype=counts.dtype)
+    if token_mask is not None:
+        counted = counted * token_mask.reshape(-1, 1).to(counted.dtype)
+    counts.scatter_add_(0, topk_indices.flatten(), counted.flatten())
 
 
 def named_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -239,6 +264,7 @@ __all__ = [
     "automatic_bias_update",
     "balancing_state",
     "bind_optimizer",
+    "count_routed_tokens",
     "named_routers",
     "set_automatic_bias_update",
     "take_balance_metrics",

@@ -30,7 +30,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration import MoeMtpConfig
 from ..configuration.configuration_moe_mtp import check_rope_parameters
-from .balancing import named_routers, track, update_balancing_bias
+from .balancing import count_routed_tokens, named_routers, track, update_balancing_bias
 from .loading import load_model, memory_footprint, push_model, save_model
 from .speculative import MTP_GENERATE_KWARGS
 
@@ -326,17 +326,13 @@ class MoeMtpTopkRouter(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
-        # Tokens routed to each expert by training-mode forwards since the balancing bias was last updated (see
-        # balancing.py). Integers, so `model.to(bfloat16)` cannot round them; a plain tensor rather than a buffer, so
-        # DDP's buffer broadcast cannot overwrite one rank's counts with another's. It follows the router's device.
+        # Tokens routed to each expert by training-mode forwards since the balancing bias was last updated, kept by
+        # balancing.count_routed_tokens. Integers, so `model.to(bfloat16)` cannot round them; a plain tensor rather
+        # than a buffer, so DDP's buffer broadcast cannot overwrite one rank's counts with another's.
         self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long)
 
-    def forward(
-        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns router logits (tokens, experts), gate weights (tokens, k) in fp32 and expert indices (tokens, k).
-
-        `token_mask` (True = real token) keeps padding out of the recorded expert load."""
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns router logits (tokens, experts), gate weights (tokens, k) in fp32 and expert indices (tokens, k)."""
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         device_type = hidden_states.device.type
         # fp32 even under autocast, which would run the linear in bf16/fp16 and move near-tied expert choices.
@@ -349,20 +345,6 @@ class MoeMtpTopkRouter(nn.Module):
         if self.norm_topk_prob:
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weights = topk_weights * self.routed_scaling_factor
-        # Skip the recomputation that gradient checkpointing runs inside backward, which would count twice.
-        if self.training and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1):
-            if self.tokens_per_expert.device != topk_indices.device:  # follows the router (a plain tensor)
-                held = self.tokens_per_expert
-                self.tokens_per_expert = (
-                    torch.zeros(self.num_experts, dtype=torch.long, device=topk_indices.device)
-                    if held.is_meta
-                    else held.to(topk_indices.device)
-                )
-            # A masked scatter_add rather than bincount of the real tokens: fixed shapes, so torch.compile keeps it.
-            counted = torch.ones_like(topk_indices, dtype=self.tokens_per_expert.dtype)
-            if token_mask is not None:
-                counted = counted * token_mask.reshape(-1, 1).to(counted.dtype)
-            self.tokens_per_expert.scatter_add_(0, topk_indices.flatten(), counted.flatten())
         return router_logits, topk_weights, topk_indices
 
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
@@ -647,7 +629,8 @@ class MoeMtpMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
-        _, topk_weights, topk_indices = self.gate(flat, token_mask)
+        _, topk_weights, topk_indices = self.gate(flat)
+        count_routed_tokens(self.gate, topk_indices, token_mask)
         routed = self.experts(flat, topk_indices, topk_weights).view(shape)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(hidden_states)

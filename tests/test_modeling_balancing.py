@@ -106,13 +106,14 @@ def test_accelerate_accumulate_loop_updates_only_on_sync_steps():
     assert balancing_state(accelerator.unwrap_model(model).model).updates == 2
 
 
-def test_checkpointing_recomputation_is_not_counted_in_the_update():
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpointing_recomputation_is_not_counted_in_the_update(reentrant):
     loads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = make_model().train()
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         model(tokens(0), labels=tokens(0)).loss.backward()
         optimizer.step()
