@@ -584,11 +584,10 @@ class MoeMtpExpertList(nn.ModuleList):
 
 def per_expert_forward(experts, tokens, top_k_index, top_k_weights, weights) -> torch.Tensor:
     """One GEMM per active expert. `weights[e]` is expert e's module, or its (gate_up, down) weight matrices."""
-    num_tokens, top_k = top_k_index.shape
+    top_k = top_k_index.shape[1]
     order, slot_position, _ = sort_slots(top_k_index, experts.num_experts)
     counts = torch.bincount(top_k_index.flatten().clamp(max=experts.num_experts), minlength=experts.num_experts + 1)
-    # index_select rather than advanced indexing: its backward is a fast index_add, not an accumulating index_put.
-    sorted_tokens = tokens.index_select(0, order // top_k)
+    sorted_tokens = SlotsOfTokens.apply(tokens, order, slot_position, top_k, True)
     outputs = []
     for expert, chunk in enumerate(sorted_tokens.split(counts.tolist())):
         if expert == experts.num_experts:  # routes to another rank's experts (expert parallelism)
@@ -603,9 +602,7 @@ def per_expert_forward(experts, tokens, top_k_index, top_k_weights, weights) -> 
                 gate, up = (F.linear(chunk, w) for w in gate_up.chunk(2))  # as two nn.Linear layers would
                 outputs.append(F.linear(experts.act_fn(gate) * up, down).to(tokens.dtype))
     slot_weights = top_k_weights.flatten().index_select(0, order).unsqueeze(-1).to(tokens.dtype)
-    weighted = torch.cat(outputs) * slot_weights
-    # Back to slot order, then each token sums its top_k slots: deterministic, unlike index_add.
-    return weighted.index_select(0, slot_position).view(num_tokens, top_k, -1).sum(dim=1)
+    return SlotsOfTokens.apply(torch.cat(outputs) * slot_weights, order, slot_position, top_k, False)
 
 
 # PEFT LoRA on every routed expert: `LoraConfig(target_parameters=ROUTED_EXPERT_PARAMETERS, ...)` (target_modules
