@@ -34,6 +34,11 @@ def partial_of(path: Path) -> Path:
     return path.with_name(path.name + PARTIAL)
 
 
+def replaced_of(path: Path) -> Path:
+    """Where a folder `replace` swaps out waits until the new one is in place."""
+    return path.with_name(path.name + REPLACED)
+
+
 def exists(path: Path) -> bool:
     """Whether anything is at `path`, a dangling symlink included."""
     return path.exists() or path.is_symlink()
@@ -67,7 +72,7 @@ def replace(new: Path, target: Path) -> None:
     """Puts `new` at `target`: a file in one rename over the old one, a folder through `swap_in` (the old one is
     deleted once the new one is in place, and a leftover `NAME.replaced` of a killed swap first)."""
     if new.is_dir() and not new.is_symlink():
-        aside = target.with_name(target.name + REPLACED)
+        aside = replaced_of(target)
         remove(aside)
         if swap_in(new, target, aside):
             remove(aside)
@@ -129,4 +134,4 @@ def write_text(path, text: str) -> None:
         tmp.write_text(text)
 
 
-__all__ = ["atomic_path", "exists", "partial_of", "remove", "replace", "swap_in", "write_text"]
+__all__ = ["atomic_path", "exists", "partial_of", "remove", "replace", "replaced_of", "swap_in", "write_text"]

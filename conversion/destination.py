@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..atomic import exists, remove, swap_in
+from ..atomic import exists, partial_of, remove, replaced_of, swap_in
 from .errors import ConversionError, DestinationExistsError
 
 # In DST.partial while a run writes it: a leftover DST.partial is replaced only if it carries this file,
@@ -37,18 +37,6 @@ def normalize(dst) -> Path:
     if dst.name == "":
         raise ConversionError(f"{dst}: the destination must be a folder that has a parent, not a file system root")
     return dst
-
-
-def sibling(dst: Path, suffix: str) -> Path:
-    return dst.with_name(dst.name + suffix)
-
-
-def partial_of(dst: Path) -> Path:
-    return sibling(dst, ".partial")
-
-
-def replaced_of(dst: Path) -> Path:
-    return sibling(dst, ".replaced")
 
 
 def _marked(folder: Path, marker: str) -> bool:

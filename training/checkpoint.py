@@ -105,27 +105,29 @@ def check_resume_layout(resume_from: Path, saved: dict, layout: SimpleNamespace)
         raise SystemExit(f"--resume {resume_from}: no {SHARDED_STATE} folder, which a sharded run's checkpoint has")
 
 
+def _model_file(output_dir, index: int) -> str:
+    return str(Path(output_dir) / ("model.safetensors" if index == 0 else f"model_{index}.safetensors"))
+
+
 def save_model_states(models, weights, output_dir) -> None:
-    """Accelerate hook: writes the model into the checkpoint ourselves. The routed experts are views into packed
-    weights (shared storage), which accelerate's safetensors writer would keep only one name of."""
+    """Accelerate hook: writes the model into the checkpoint ourselves, every tensor cloned, so that weights sharing
+    storage (`tie_word_embeddings=True`), which safetensors refuses to write under two names, keep both names."""
     from accelerate.state import PartialState
     from safetensors.torch import save_file
 
     if PartialState().is_main_process:
         for index, state in enumerate(weights):
-            name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
-            save_file({k: v.detach().cpu().clone() for k, v in state.items()}, str(Path(output_dir) / name))
+            save_file({k: v.detach().cpu().clone() for k, v in state.items()}, _model_file(output_dir, index))
     weights.clear()  # accelerate then writes no model file itself
 
 
 def load_model_states(models, input_dir) -> None:
-    """Accelerate hook: the counterpart of `save_model_states` (copies into the existing, packed storage)."""
+    """Accelerate hook: the counterpart of `save_model_states` (copies into the existing parameters)."""
     from safetensors.torch import load_file
 
     for index, model in enumerate(models):
-        name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
         device = next(model.parameters()).device
-        model.load_state_dict(load_file(str(Path(input_dir) / name), device=str(device)))
+        model.load_state_dict(load_file(_model_file(input_dir, index), device=str(device)))
     models.clear()  # accelerate then loads no model itself
 
 

@@ -88,11 +88,11 @@ def token_blocks(args, tokenizer) -> tuple:
     moe_mtp.train` builds and caches: the same documents are held out, by a hash of their text, so a model trained
     on this corpus never saw the held-out blocks."""
     from .. import data as token_data
+    from .dataloader import cache_dir
 
-    cache_dir = Path(args.cache_dir) if args.cache_dir else token_data.default_cache_dir()
     corpus = token_data.Corpus.from_args(args)
     store, _ = token_data.prepare_store(
-        corpus, tokenizer, args.eval_fraction, cache_dir, builder=True, progress=not args.no_progress
+        corpus, tokenizer, args.eval_fraction, cache_dir(args), builder=True, progress=not args.no_progress
     )
     train, held_out = store.blocks("train", args.seq_len), store.blocks("eval", args.seq_len)
     if len(train) < 1 or len(held_out) < 1:
