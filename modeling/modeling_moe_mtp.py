@@ -517,7 +517,7 @@ class MoeMtpExperts(nn.Module):
                 and not torch.is_grad_enabled()
                 and not self._is_expert_parallel
                 and not isinstance(gate_up, DTensor)
-                and top_k_index.numel() <= max(4, self.num_experts // 4)
+                and top_k_index.numel() <= self.max_sliced_slots()
             ):
                 self.last_path = "sliced"
                 return self.sliced(hidden_states, top_k_index, top_k_weights, gate_up, down)
@@ -527,13 +527,19 @@ class MoeMtpExperts(nn.Module):
         weights = [(gate_up[e], down[e]) for e in range(self.num_experts)]
         return per_expert_forward(self, hidden_states, top_k_index, top_k_weights, weights)
 
+    def max_sliced_slots(self) -> int:
+        """The most slots `sliced` takes: a quarter of the experts (measured at 256), or one per expert while the
+        experts are so small that the grouped path's fixed cost (sorting and moving the slots) outweighs GEMVs over
+        about 3 MB of fp32 weights (measured at 8 experts of 192 x 96: sliced wins up to 12 slots)."""
+        small = (3 << 18) // (3 * self.hidden_dim * self.intermediate_dim)
+        return max(4, self.num_experts // 4, min(self.num_experts, small))
+
     def sliced(self, tokens, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
-        """Decode-sized CPU steps without autograd (at most a quarter as many slots as experts, or 4): each slot runs
-        two GEMVs on its expert's slices. CPU's grouped GEMM visits every expert, most of them without a row, and
-        gathering the experts' weights for a batched matmul copies them; both measured slower (`bench_model.py`'s
-        sweep; the loop's cost grows with the slots, and at 256 experts it passes the grouped GEMM's between 32 and
-        128 slots; at 8 experts, between 4 and 8, so a 2-token verify step with top-2 stays here). On CUDA the loop
-        would need the expert ids on the host, a sync per layer."""
+        """Decode-sized CPU steps without autograd (up to `max_sliced_slots`): each slot runs two GEMVs on its
+        expert's slices. CPU's grouped GEMM visits every expert, most of them without a row, and gathering the
+        experts' weights for a batched matmul copies them; both measured slower (`bench_model.py`'s sweep). The loop's
+        cost grows with the slots: at 256 experts it passes the grouped GEMM's between 32 and 128 slots, at 8 small
+        experts between 12 and 16. On CUDA the loop would need the expert ids on the host, a sync per layer."""
         num_tokens, top_k = top_k_index.shape
         dtype = gate_up.dtype
         rows = tokens.to(dtype).unbind(0)

@@ -87,8 +87,8 @@ def test_grouped_path_matches_per_expert_path_in_outputs_and_every_gradient(kind
 
 
 def test_decode_sized_steps_take_the_sliced_path_with_the_same_numbers():
-    """Without autograd and with at most max(4, experts / 4) slots (decoding, a 2-token verify step), CPU runs each
-    slot on its expert's slices; outputs equal the grouped and per-expert paths'."""
+    """Without autograd and with few slots (decoding, verify steps; `max_sliced_slots`), CPU runs each slot on its
+    expert's slices; outputs equal the grouped and per-expert paths'."""
     experts = make_model().model.layers[1].mlp.experts  # 8 experts, top-2: one token is 2 slots
     tokens, index, weights = torch.randn(1, 64), torch.tensor([[5, 2]]), torch.rand(1, 2)
     with torch.no_grad():
@@ -102,8 +102,10 @@ def test_decode_sized_steps_take_the_sliced_path_with_the_same_numbers():
         torch.testing.assert_close(sliced, per_expert, atol=1e-5, rtol=0)
         experts(torch.randn(2, 64), torch.tensor([[5, 2], [1, 2]]), torch.rand(2, 2))
         assert experts.last_path == "sliced"  # 4 slots: a verify step of one draft
-        experts(torch.randn(3, 64), torch.tensor([[5, 2], [1, 2], [0, 7]]), torch.rand(3, 2))
-        assert experts.last_path == "grouped"  # more than max(4, 8 / 4) slots
+        experts(torch.randn(4, 64), torch.tensor([[5, 2], [1, 2], [0, 7], [3, 4]]), torch.rand(4, 2))
+        assert experts.last_path == "sliced"  # 8 slots, one per expert: experts this small take up to 8
+        experts(torch.randn(5, 64), torch.tensor([[5, 2], [1, 2], [0, 7], [3, 4], [6, 1]]), torch.rand(5, 2))
+        assert experts.last_path == "grouped"  # more slots than experts
     experts(tokens, index, weights)  # with autograd: grouped, so every expert weight gets its gradient
     assert experts.last_path == "grouped"
 
