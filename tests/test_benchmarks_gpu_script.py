@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # runs our own scripts end to end; `make test-oldest` leaves these out
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

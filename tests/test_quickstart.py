@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # runs our own scripts end to end; `make test-oldest` leaves these out
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from conversion_fixtures import V2_LITE, tiny_config, write_released
 
@@ -56,6 +57,7 @@ def test_readme_commands_are_known():
     assert len(runnable) >= 6
 
 
+@pytest.mark.e2e
 def test_readme_conversion_commands_run(tmp_path):
     """The conversion lines, with the README's placeholder paths pointed at tiny checkpoints."""
     from conversion_fixtures import write_moe_mtp
@@ -68,6 +70,7 @@ def test_readme_conversion_commands_run(tmp_path):
     assert (tmp_path / "path/to/finetuned-fp8/config.json").is_file()
 
 
+@pytest.mark.e2e
 def test_readme_training_commands_run(tmp_path):
     """The training lines, shrunk with --smoke (the README's first line already is), on a small local corpus."""
     from pydoc_data.topics import topics
