@@ -32,8 +32,8 @@ test-newest: $(INSTALL_STAMP)
 
 # The same in .venv-oldest, with the lower bounds of pyproject.toml pinned (tests/test_packaging.py keeps them equal),
 # less the tests marked e2e: they run our own scripts and Makefile targets (the quickstart, the examples, the README's
-# commands), whose calls into transformers, PEFT and accelerate the other tests make too, and would double the
-# suite's time (about 5 of its 10 minutes). `make test-oldest OLDEST_PYTEST_ARGS=` runs them as well.
+# commands), whose calls into transformers, PEFT and accelerate the other tests make too; here they would add about 5
+# minutes (they take that much of the newest leg's 11-12). `make test-oldest OLDEST_PYTEST_ARGS=` runs them too.
 OLDEST_PYTEST_ARGS ?= -m "not e2e"
 test-oldest:
 	$(MAKE) --no-print-directory test-newest VENV=$(OLDEST_VENV) CONSTRAINTS=$(OLDEST_CONSTRAINTS) \
