@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e  # runs our own scripts end to end; `make test-oldest` leaves these out
+pytestmark = pytest.mark.e2e  # pyproject.toml says what the mark means
 
 ROOT = Path(__file__).resolve().parents[1]
 

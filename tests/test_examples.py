@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-pytestmark = pytest.mark.e2e  # runs our own scripts end to end; `make test-oldest` leaves these out
+pytestmark = pytest.mark.e2e  # pyproject.toml says what the mark means
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = ["pretrain_from_scratch", "finetune_trainer_lora", "qlora_8bit", "convert_release", "speculative_generate",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e  # runs our own scripts end to end; `make test-oldest` leaves these out
+pytestmark = pytest.mark.e2e  # pyproject.toml says what the mark means
 
 REPO = Path(__file__).resolve().parents[1]
 
