@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import gc
 import multiprocessing
 import os
 
@@ -91,6 +92,9 @@ def _rank_main(rank, func, world_size, store_host, store_port, args, kwargs):
     )
     try:
         func(rank, *args, **kwargs)
+        # Freed objects and both ranks done first: see tests/test_distributed.py's `rank_of_two`.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
