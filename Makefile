@@ -8,6 +8,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # Extra pytest arguments, e.g. `make test-newest PYTEST_ARGS=tests/test_configuration.py`.
 PYTEST_ARGS ?=
+# pytest-xdist processes, one test file each at a time (module fixtures are built once), and one torch thread each:
+# on 2 cores, two 2-thread processes slow each other several-fold. 0 runs the tests in one process.
+PYTEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 # pip constraints for the package install; `make test-oldest` pins the lowest versions pyproject.toml allows.
 CONSTRAINTS ?=
 OLDEST_VENV ?= .venv-oldest
@@ -27,7 +31,7 @@ test-newest: $(INSTALL_STAMP)
 	$(VENV)/bin/ruff check .
 	@# Formatting is advisory: report drift without failing the build.
 	@$(VENV)/bin/ruff format --check . >/dev/null 2>&1 || echo "note: 'ruff format --check .' reports unformatted files"
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-transformers VENV=$(VENV) CONSTRAINTS=$(CONSTRAINTS)
 
 # The same in .venv-oldest, with the lower bounds of pyproject.toml pinned (tests/test_packaging.py keeps them equal),
@@ -44,7 +48,7 @@ test-oldest:
 test-transformers: $(INSTALL_STAMP)
 	$(PY) tests/transformers_common/prepare.py $(VENV)/transformers-tests
 	MOE_MTP_TRANSFORMERS_TESTS=$(VENV)/transformers-tests RUN_TRAINING_TESTS=1 \
-		$(PY) -m pytest -q tests/transformers_common
+		$(PYTEST) tests/transformers_common
 
 lint: $(INSTALL_STAMP)
 	$(VENV)/bin/ruff check .
