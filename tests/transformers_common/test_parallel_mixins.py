@@ -2,13 +2,13 @@
 
 The mixins come from the sdist of the installed transformers (prepare.py), with our process launcher
 (distributed_testing_utils.py) in place of the one transformers keeps out of the sdist. Each distributed test starts
-2 gloo ranks on the CPU, one thread each, and compares the sharded model with one process on the same inputs.
+gloo ranks on the CPU (2; six tests 4 or 8, sharing the cores), one thread each, and compares the sharded model with
+one process on the same inputs.
 
 transformers runs these tests only for the model types on its allowlists (a few representative models per engine,
 to bound its CI); moe-mtp adds its own type, as an in-tree model would be listed. Every skip below says why.
 """
 
-import os
 import unittest
 
 from test_common import MoeMtpModelTester  # this folder's test_common.py (pytest puts the folder on the path)
@@ -27,19 +27,6 @@ for allowlist in (
 ):
     if allowlist is not None:  # None: the mixin runs every model type
         allowlist.add(MoeMtpConfig.model_type)
-
-# Tests that need more ranks than the 2 the suite runs on its 2 cores, skipped to keep it within its time budget.
-# `MOE_MTP_ALL_PARALLEL_TESTS=1` runs them, on CPU with more ranks than cores if need be (all 6 pass that way, in
-# about 75 s on 2 cores; the 4-rank TP + EP + FSDP2 one and the 8-rank one take most of it).
-ALL_PARALLEL_TESTS = bool(os.environ.get("MOE_MTP_ALL_PARALLEL_TESTS"))
-WORLD_SIZE_OVER_2 = {
-    "test_hsdp_save_load": 4,
-    "test_hsdp_save_load_dcp": 4,
-    "test_hsdp_grad_accumulation_vs_single_device_0_replicate_and_shard": 4,
-    "test_hsdp_grad_accumulation_vs_single_device_2_expert_parallel": 8,
-    "test_fsdp2_expert_parallel_2d_vs_ddp": 4,
-    "test_fsdp2_expert_parallel_bf16_grads_0_experts_sharded": 4,
-}
 
 # The expert-parallel tests run once per `experts_implementation` (eager, grouped_mm, batched_mm; forward with untied
 # and tied embeddings). moe-mtp's routed experts pick their own kernel (grouped GEMMs, one GEMM per expert where the
@@ -61,11 +48,6 @@ class MoeMtpParallelTest(TensorParallelTesterMixin, ExpertParallelTesterMixin, F
     def setUp(self):
         self.model_tester = MoeMtpModelTester(self)
         name = self._testMethodName
-        if name in WORLD_SIZE_OVER_2 and not ALL_PARALLEL_TESTS:
-            self.skipTest(
-                f"needs {WORLD_SIZE_OVER_2[name]} ranks, over the suite's 2-rank time budget on 2 CPU cores "
-                "(MOE_MTP_ALL_PARALLEL_TESTS=1 runs it); FSDP2, FSDP2 + EP and HSDP run here on 2 ranks"
-            )
         if name == "test_tp_unit_plan_forward_backward":  # transformers >= 5.25
             self.skipTest(
                 "MLA has no per-head q_proj/k_proj/v_proj for the unit_colwise/unit_rowwise styles to shard: queries "
@@ -85,6 +67,6 @@ class MoeMtpParallelTest(TensorParallelTesterMixin, ExpertParallelTesterMixin, F
             )
 
     def _skip_if_insufficient_devices(self, world_size):
-        # CPU ranks can share cores (slower, same results): the opt-in run does not need one core per rank.
-        if not (ALL_PARALLEL_TESTS and _get_distributed_device_type() == "cpu"):
+        # CPU ranks can share cores (slower, same results): the six 4- and 8-rank tests run on 2 cores in about 45 s.
+        if _get_distributed_device_type() != "cpu":
             super()._skip_if_insufficient_devices(world_size)
