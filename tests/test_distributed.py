@@ -104,6 +104,17 @@ def moe_experts(model) -> list[MoeMtpExperts]:
 # ------------------------------------------------------------------------------------------------ tensor + expert
 
 
+def logits_then_loss(model, ids):
+    """Eval-mode logits without grad, then the training loss on `ids`, backpropagated."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return logits, loss.detach()
+
+
 @rank_of_two
 def _tp_ep_worker(rank, folder, out):
     from transformers.distributed import DistributedConfig
@@ -119,12 +130,7 @@ def _tp_ep_worker(rank, folder, out):
     assert local(model.lm_head.weight).shape[0] == model.config.vocab_size // 2
 
     ids = batch()
-    model.eval()
-    with torch.no_grad():
-        logits = model(ids).logits
-    model.train()
-    result = model(ids, labels=ids)
-    result.loss.backward()
+    logits, loss = logits_then_loss(model, ids)
     grads = {name: full(p.grad).clone() for name, p in model.named_parameters()}
     assert {e.last_path for e in experts} == {"grouped"}
     # 2 tokens against 16 experts: most experts get nothing on this rank, and nothing waits for them.
@@ -143,7 +149,7 @@ def _tp_ep_worker(rank, folder, out):
     torch.save(
         {
             "logits": logits,
-            "loss": result.loss.detach(),
+            "loss": loss,
             "grads": grads,
             "plain": plain,
             "drafted": drafted,
@@ -159,12 +165,7 @@ def test_tensor_and_expert_parallel_match_one_process(folder, tmp_path):
     ranks = spawn(_tp_ep_worker, folder, tmp_path)
     model = reference(folder)
     ids = batch()
-    model.eval()
-    with torch.no_grad():
-        want_logits = model(ids).logits
-    model.train()
-    want = model(ids, labels=ids)
-    want.loss.backward()
+    want_logits, want_loss = logits_then_loss(model, ids)
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model(ids[:1, :2], labels=ids[:1, :2]).loss.backward()
     before = {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
@@ -174,7 +175,7 @@ def test_tensor_and_expert_parallel_match_one_process(folder, tmp_path):
     want_tokens = model.generate(prompt, max_new_tokens=6, do_sample=False)
     for got in ranks:
         torch.testing.assert_close(got["logits"], want_logits, atol=1e-5, rtol=0)
-        torch.testing.assert_close(got["loss"], want.loss.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["loss"], want_loss, atol=1e-5, rtol=0)
         assert got["grads"].keys() == grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(got["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
