@@ -6,6 +6,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -384,9 +385,17 @@ ZERO3 = ["--config_file", str(ROOT / "examples" / "accelerate" / "deepspeed_zero
 ZERO3_RUN = ["--batch-size", "1", "--grad-accum", "2"]  # 2 processes x 1 x 2 = the 4 blocks of sgd_reference
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_zero3(output_dir: Path, *extra: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", *ZERO3, "-m", "moe_mtp.train"]
+    # A free port rather than accelerate's default 29500, which another test process may hold (make test runs two).
+    port = ["--main_process_port", str(free_port())]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *port, *ZERO3, "-m", "moe_mtp.train"]
     done = subprocess.run(
         [*command, *SHARDED, *ZERO3_RUN, "--output-dir", str(output_dir), *extra],
         capture_output=True, text=True, env=env, timeout=600,
