@@ -80,7 +80,7 @@ bench: $(INSTALL_STAMP)
 # 2. trains a small MoE+MTP code model on it from scratch (python -m moe_mtp.train), 8 thin layers so that the
 #    MTP module is a small share of a decoding step;
 # 3. re-aligns its MTP module on the model's own predictions (--mtp-only; the main model is left bit-identical)
-#    and saves the faster of 1 or 2 drafts per step, timed on held-out prompts;
+#    and saves `num_mtp_draft_tokens=adaptive`: generate then picks the drafts per step from the speed it measures;
 # 4. generates on held-out files with and without MTP speculation, before and after, and prints acceptance and
 #    the speed ratio. `--resume` makes a second `make quickstart` reuse the finished run in QUICKSTART_DIR.
 # A test runs it with QUICKSTART_ARGS=--smoke GENERATE_ARGS=--smoke.
@@ -90,7 +90,7 @@ QUICKSTART_MODEL ?= --num-layers 8 --hidden-size 192 --intermediate-size 384 --m
 	--q-lora-rank 96 --kv-lora-rank 64 --lr 2e-3
 # Sized to the 8-minute budget on 2 cores, venv included (docs/claims.md has the timed run).
 QUICKSTART_ARGS ?= --max-steps 320 --eval-every 80 --eval-batches 8 --save-every 160
-ALIGN_ARGS ?= --max-steps 120 --eval-batches 8 --acceptance-prompts 4 --max-mtp-drafts 2
+ALIGN_ARGS ?= --max-steps 120 --eval-batches 8 --acceptance-prompts 4
 # Data flags both training and re-alignment need, so that they share one token store and held-out split.
 QUICKSTART_DATA ?=
 GENERATE_ARGS ?= --num-prompts 12 --max-new-tokens 48 --repeats 1

@@ -255,14 +255,15 @@ def bench_case(ours, theirs, release, prompts, new_tokens, repeats) -> dict:
     generate_seconds(ours, prompts, 2)  # warm-up
     generate_seconds(ours, prompts, 2, use_mtp=True)
     generate_seconds(theirs, prompts, 2)
-    # The drafts per step the aligned folder's config holds (`--mtp-only --mtp-drafts auto` times 1-3 and keeps the
-    # fastest), and one draft per step, DeepSeek-V3's own setting, for comparison.
-    drafts = ours.config.num_mtp_draft_tokens or len(ours.model.mtp_layers)
+    # The drafts per step the aligned folder's config holds (`--mtp-only` saves "adaptive" by default), then the
+    # fixed counts 1-3 (1 is DeepSeek-V3's own setting) and adaptive, for comparison.
+    saved = ours.config.num_mtp_draft_tokens or len(ours.model.mtp_layers)
+    others = [drafts for drafts in (1, 2, 3, "adaptive") if drafts != saved]
     runs = {
         "expanded": (ours, {"mla_decode": "expanded"}),
         "absorbed": (ours, {"mla_decode": "absorbed"}),
         "mtp": (ours, {"use_mtp": True}),
-        "mtp1": (ours, {"use_mtp": True, "num_mtp_draft_tokens": 1}),
+        **{f"mtp {drafts}": (ours, {"use_mtp": True, "num_mtp_draft_tokens": drafts}) for drafts in others},
         "transformers": (theirs, {}),
     }
     rates, last = decode_rates(runs, prompts, new_tokens, repeats)
@@ -270,16 +271,25 @@ def bench_case(ours, theirs, release, prompts, new_tokens, repeats) -> dict:
     plain_out = last["absorbed"][0]
     report("ours plain (expanded MLA)", rates["expanded"])
     report("ours plain (absorbed MLA)", rates["absorbed"])
-    mtp_out, stats = last["mtp"]
-    row["acceptance"], row["identical"] = stats.acceptance_per_position[0], torch.equal(plain_out, mtp_out)
-    row["drafts"] = drafts
-    note = f"first-draft acceptance {row['acceptance']:.3f}, {stats.tokens_per_step:.2f} tok/step"
-    report(
-        f"ours + MTP ({drafts} drafts per step)", rates["mtp"], f"{note}, identical to plain greedy: {row['identical']}"
-    )
-    one_out, stats = last["mtp1"]
-    note = f"{stats.tokens_per_step:.2f} tok/step, identical: {torch.equal(plain_out, one_out)}"
-    report("ours + MTP, 1 draft per step", rates["mtp1"], note)
+    row["drafts"], row["others"] = saved, others
+    for label, drafts in [("mtp", saved)] + [(f"mtp {drafts}", drafts) for drafts in others]:
+        out, stats = last[label]
+        identical = torch.equal(plain_out, out)
+        note = f"first-draft acceptance {stats.acceptance_per_position[0]:.3f}, {stats.tokens_per_step:.2f} tok/step"
+        if drafts == "adaptive":
+            note += f", steps by draft count {dict(sorted(stats.steps_by_drafts.items()))}"
+        if label == "mtp":
+            row["acceptance"], row["identical"] = stats.acceptance_per_position[0], identical
+            report(
+                f"ours + MTP, saved: {saved} drafts", rates[label], f"{note}, identical to plain greedy: {identical}"
+            )
+        else:
+            row["identical"] = row["identical"] and identical
+            report(
+                f"ours + MTP, {drafts} draft{'' if drafts == 1 else 's'}",
+                rates[label],
+                f"{note}, identical: {identical}",
+            )
     report("transformers DeepseekV3 plain", rates["transformers"])
     rate, error = run_transformers_mtp(release, prompts, new_tokens, repeats, ours.dtype)
     row["transformers_mtp"] = report("transformers DeepseekV3 use_mtp", rate, error or "")
@@ -354,7 +364,8 @@ def main():
             f"MTP re-aligned with --mtp-only ({alignment['steps']} steps, {alignment['targets']}, "
             f"{alignment['seconds']:.0f} s): greedy acceptance on held-out training-split text "
             f"{alignment['before']['acceptance']:.3f} -> {alignment['after']['acceptance']:.3f}; "
-            f"{alignment['num_mtp_draft_tokens']} drafts per step (fastest of {alignment['speed_by_drafts']})"
+            f"saved num_mtp_draft_tokens={alignment['num_mtp_draft_tokens']}"
+            + (f" (fastest of {alignment['speed_by_drafts']})" if alignment["speed_by_drafts"] else "")
         )
     else:
         print("MTP module as trained (--align-steps 0)")
@@ -386,7 +397,8 @@ def main():
              if row["prompt"] >= 2048 and row["batch"] == 1 else None),
             (f"ours+MTP ({row['drafts']} drafts) / ours plain (absorbed)", row["mtp"] / row["absorbed"],
              mtp_target(row)),
-            ("ours+MTP, 1 draft / ours plain", row["mtp1"] / row["absorbed"], None),
+            *[(f"ours+MTP, {drafts} draft{'' if drafts == 1 else 's'} / ours plain", row[f"mtp {drafts}"] / row["absorbed"], None)
+              for drafts in row["others"]],
             ("ours+MTP / transformers plain", row["mtp"] / row["transformers"], TARGETS["mtp_vs_transformers"] if row["batch"] == 1 else None),
             ("first-draft acceptance", row["acceptance"], TARGETS["acceptance"] if row["batch"] == 1 else None),
         ]  # fmt: skip

@@ -153,9 +153,11 @@ class MoeMtpConfig(PretrainedConfig):
     """How attention runs against the latent cache: `absorbed` (kv_b_proj folded into the query and output, attention
     on the latent itself), `expanded` (the latent expanded into per-head keys and values), or `auto` (absorbed for
     queries short enough that it costs fewer FLOPs). `forward` and `generate` also take it as a keyword argument."""
-    num_mtp_draft_tokens: int | None = None
+    num_mtp_draft_tokens: int | str | None = None
     """Tokens drafted per step by `generate(..., use_mtp=True)`; `None` drafts one per MTP module. More than
-    `num_nextn_predict_layers` reuses the last module for the extra drafts. `generate` also takes it as a keyword."""
+    `num_nextn_predict_layers` reuses the last module for the extra drafts. `"adaptive"` chooses the count step by
+    step, between 1 and max(modules, 3), for the most tokens per second measured during the call (the best count
+    depends on the batch, the context and the hardware). `generate` also takes it as a keyword."""
 
     @property
     def base_model_tp_plan(self) -> dict[str, str]:
@@ -258,10 +260,9 @@ class MoeMtpConfig(PretrainedConfig):
             fail("mtp_loss_targets", f"must be one of {MTP_LOSS_TARGETS}, got {self.mtp_loss_targets!r}")
         if self.mla_decode not in MLA_DECODE_MODES:
             fail("mla_decode", f"must be one of {MLA_DECODE_MODES}, got {self.mla_decode!r}")
-        if self.num_mtp_draft_tokens is not None and (
-            not isinstance(self.num_mtp_draft_tokens, int) or self.num_mtp_draft_tokens < 1
-        ):
-            fail("num_mtp_draft_tokens", f"must be a positive integer or None, got {self.num_mtp_draft_tokens!r}")
+        drafts = self.num_mtp_draft_tokens
+        if drafts is not None and drafts != "adaptive" and (not isinstance(drafts, int) or drafts < 1):
+            fail("num_mtp_draft_tokens", f"must be a positive integer, 'adaptive' or None, got {drafts!r}")
         check_rope_parameters(self)
 
 

@@ -4,7 +4,8 @@ With `use_mtp=True` the model's own MTP modules draft the next tokens and the ma
 forward, so each step can emit more than one token. Under greedy decoding the output is the same as plain
 `generate` (the script checks it); what changes is the number of forwards. It prints the draft acceptance rate
 (`model.last_mtp_stats`: of the first draft of each step, and of all drafts), tokens/s of both and their ratio.
-Each model drafts its config's `num_mtp_draft_tokens` per step (`--mtp-only` saves the fastest count).
+Each model drafts its config's `num_mtp_draft_tokens` per step (`--mtp-only` saves `adaptive`: the count is chosen step
+by step from the measured speed).
 
     python examples/speculative_generate.py --smoke                         # seconds: a tiny, briefly trained model
     python examples/speculative_generate.py --model outputs/pretrain/model  # a model you trained
@@ -84,6 +85,7 @@ def compare(folder: str, args) -> dict:
     timed_generate(model, batches[0], max_new_tokens=2, pad_token_id=tokenizer.pad_token_id)  # warm-up
     plain_times, mtp_times, identical, accepted, drafted, steps_rows = [], [], True, 0, 0, 0
     first_accepted = first_drafted = 0
+    steps_by_drafts: dict[int, int] = {}
     for repeat in range(args.repeats):
         plain_total = mtp_total = 0.0
         for inputs in batches:
@@ -99,6 +101,8 @@ def compare(folder: str, args) -> dict:
                     steps_rows + stats.steps_rows,
                 )
                 first_accepted += stats.accepted_per_position[0]
+                for count, steps in stats.steps_by_drafts.items():
+                    steps_by_drafts[count] = steps_by_drafts.get(count, 0) + steps
                 first_drafted += stats.drafted_per_position[0]
         plain_times.append(plain_total)
         mtp_times.append(mtp_total)
@@ -106,13 +110,18 @@ def compare(folder: str, args) -> dict:
     plain_s, mtp_s = statistics.median(plain_times), statistics.median(mtp_times)
     result = {
         "model": folder, "identical": identical, "acceptance_rate": accepted / max(drafted, 1),
-        "first_draft_acceptance": first_accepted / max(first_drafted, 1), "drafts_per_step": len(stats.drafted_per_position),
+        "first_draft_acceptance": first_accepted / max(first_drafted, 1),
+        "drafts_per_step": model.config.num_mtp_draft_tokens or len(model.model.mtp_layers),
+        "steps_by_drafts": dict(sorted(steps_by_drafts.items())),
         "tokens_per_step": (accepted + steps_rows) / max(steps_rows, 1), "plain_tokens_per_s": new_tokens / plain_s,
         "mtp_tokens_per_s": new_tokens / mtp_s, "speedup": plain_s / mtp_s, "prompts": new_tokens // args.max_new_tokens,
         "batch_size": args.batch_size, "threads": torch.get_num_threads(),
     }  # fmt: skip
     drafts = result["drafts_per_step"]
-    print(f"{folder}: {drafts} draft(s) per step (num_mtp_draft_tokens); first drafts accepted: {first_accepted}/"
+    if drafts == "adaptive":
+        counts = result["steps_by_drafts"]
+        drafts = f"adaptive (steps with {'/'.join(map(str, counts))} drafts: {'/'.join(map(str, counts.values()))})"
+    print(f"{folder}: drafts per step (num_mtp_draft_tokens): {drafts}; first drafts accepted: {first_accepted}/"
           f"{first_drafted} ({100 * result['first_draft_acceptance']:.0f}%); MTP drafts accepted: {accepted}/{drafted} "
           f"({100 * result['acceptance_rate']:.0f}%), {result['tokens_per_step']:.2f} tokens per verification "
           "forward")  # fmt: skip

@@ -16,10 +16,15 @@ previous real slot (the main model's hidden state for d = 1) with the embedding 
 exactly as in training (`MoeMtpModel.multi_token_prediction`). Those entries need only verified tokens, so they are
 computed once, right after verification ("catch-up"). Drafts beyond the first need entries that embed drafts; they
 are appended as speculative slots and cropped at the next step.
+
+Drafts per step. `num_mtp_draft_tokens="adaptive"` picks the count step by step (`AdaptiveDraftCount`): the best
+count depends on the batch, the context and the hardware (one draft per step can beat three at batch 4 and lose to
+them at batch 1), and any count gives the same tokens.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +36,9 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 # Keyword arguments of `generate` consumed here rather than by the model's forward.
 MTP_GENERATE_KWARGS = ("num_mtp_draft_tokens", "mla_decode")
+# `num_mtp_draft_tokens="adaptive"` chooses between 1 and max(MTP modules, ADAPTIVE_MAX_DRAFTS) drafts per step.
+ADAPTIVE = "adaptive"
+ADAPTIVE_MAX_DRAFTS = 3
 
 
 @dataclass
@@ -49,6 +57,8 @@ class MtpDecodingStats:
     """Drafts accepted at position k (a draft counts only if every earlier draft of its step was accepted too)."""
     steps_rows: int = 0
     """Row-steps counted (a step counts once per row still generating)."""
+    steps_by_drafts: dict[int, int] = field(default_factory=dict)
+    """Steps run with each draft count (one key unless `num_mtp_draft_tokens="adaptive"`)."""
 
     @property
     def acceptance_rate(self) -> float:
@@ -64,6 +74,11 @@ class MtpDecodingStats:
     def tokens_per_step(self) -> float:
         """Tokens produced per verification forward (1 + accepted drafts, on average)."""
         return (self.accepted + self.steps_rows) / max(self.steps_rows, 1)
+
+    def expected_tokens_per_step(self, drafts: int) -> float:
+        """Tokens a row would produce per step with `drafts` drafts, from the acceptance seen so far: 1 plus, for
+        each position, the share of drafts there that were accepted with every earlier one."""
+        return 1.0 + sum(self.acceptance_per_position[:drafts])
 
 
 @dataclass
@@ -104,8 +119,8 @@ def mtp_speculative_decoding(
             "tokens per step. Drop these flags, or generate without use_mtp."
         )
     num_drafts = model_kwargs.pop("num_mtp_draft_tokens", None) or config.num_mtp_draft_tokens or num_modules
-    if not isinstance(num_drafts, int) or num_drafts < 1:
-        raise ValueError(f"num_mtp_draft_tokens must be a positive integer, got {num_drafts!r}")
+    if num_drafts != ADAPTIVE and (not isinstance(num_drafts, int) or num_drafts < 1):
+        raise ValueError(f"num_mtp_draft_tokens must be a positive integer or {ADAPTIVE!r}, got {num_drafts!r}")
     if model_kwargs.get("inputs_embeds") is not None or input_ids.shape[1] == 0:
         raise ValueError("generate(use_mtp=True) needs the prompt as `input_ids` (the drafts embed token ids).")
     forward_kwargs = {"mla_decode": model_kwargs.pop("mla_decode", None)}
@@ -135,7 +150,11 @@ class _SpeculativeDecoder:
     def __init__(
         self, model, cache, num_drafts, logits_processor, stopping_criteria, generation_config, streamer, forward_kwargs
     ):
-        self.model, self.cache, self.num_drafts = model, cache, num_drafts
+        self.model, self.cache = model, cache
+        self.adaptive = num_drafts == ADAPTIVE
+        # the most drafts any step may take; `num_drafts` is this step's count
+        self.max_drafts = max(len(model.model.mtp_layers), ADAPTIVE_MAX_DRAFTS) if self.adaptive else num_drafts
+        self.num_drafts = self.max_drafts
         self.logits_processor, self.stopping_criteria = logits_processor, stopping_criteria
         self.do_sample = generation_config.do_sample
         self.max_length = generation_config.max_length
@@ -146,9 +165,12 @@ class _SpeculativeDecoder:
         self.pad_finished = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
         self.num_layers = model.config.num_hidden_layers
         # Drafting uses min(modules, drafts) modules; extra drafts reuse the last one.
-        self.num_modules = min(len(model.model.mtp_layers), num_drafts)
+        self.num_modules = min(len(model.model.mtp_layers), self.max_drafts)
         self.mtp_cache = DynamicCache()
-        self.stats = MtpDecodingStats(drafted_per_position=[0] * num_drafts, accepted_per_position=[0] * num_drafts)
+        self.stats = MtpDecodingStats(
+            drafted_per_position=[0] * self.max_drafts, accepted_per_position=[0] * self.max_drafts
+        )
+        self.draft_count = AdaptiveDraftCount(self.max_drafts, self.stats) if self.adaptive else None
         # Fast paths for what `generate` adds by default. Per step, a plain step calls the processors and criteria
         # once; called position by position here they cost a fifth of a small model's step (measured), so the
         # length-only processors and the max-length / EOS criteria are applied to every position at once. Anything
@@ -257,7 +279,7 @@ class _SpeculativeDecoder:
         batch_size, prompt_len = input_ids.shape
         device = input_ids.device
         self.prompt_len = prompt_len
-        capacity = max(self.max_length, prompt_len + 1) + self.num_drafts + 1
+        capacity = max(self.max_length, prompt_len + 1) + self.max_drafts + 1
         self.ids = torch.full((batch_size, capacity), self.pad_token_id, dtype=torch.long, device=device)
         self.ids[:, :prompt_len] = input_ids
         self.lengths = torch.full((batch_size,), prompt_len, dtype=torch.long)
@@ -282,8 +304,13 @@ class _SpeculativeDecoder:
         self.stream()
 
         while not self.done():
+            if self.draft_count is not None:
+                self.num_drafts = self.draft_count.choose()
+                start = time.perf_counter()
             drafts, draft_probs = self.draft()
             self.verify(drafts, draft_probs)
+            if self.draft_count is not None:
+                self.draft_count.observe(self.num_drafts, time.perf_counter() - start)
         self.stream(final=True)
         return self.sequences()
 
@@ -385,6 +412,7 @@ class _SpeculativeDecoder:
 
     def record(self, accepted, num_drafts):
         self.stats.steps += 1
+        self.stats.steps_by_drafts[num_drafts] = self.stats.steps_by_drafts.get(num_drafts, 0) + 1
         self.stats.steps_rows += accepted.numel()
         self.stats.drafted += accepted.numel() * num_drafts
         self.stats.accepted += int(accepted.sum())
@@ -470,6 +498,46 @@ class _SpeculativeDecoder:
 
     def sequences(self) -> torch.LongTensor:
         return self.ids[:, : self.sequences_length()]
+
+
+class AdaptiveDraftCount:
+    """Chooses each step's draft count (1 to `max_drafts`) for the most tokens per second: the expected tokens per
+    row and step come from the call's acceptance so far (`MtpDecodingStats.expected_tokens_per_step`), the seconds
+    per step from the median of the count's last few timed steps (one slow step, a machine hiccup, moves a median
+    little).
+
+    Every count runs once first, the most drafts first so that every position's acceptance is seen; after that the
+    best count runs, and every `probe_every` steps a neighbour of it runs once, which keeps the neighbours' timing
+    and the deeper positions' acceptance current."""
+
+    def __init__(self, max_drafts: int, stats: MtpDecodingStats, probe_every: int = 6, window: int = 5):
+        self.stats, self.probe_every, self.window = stats, probe_every, window
+        self.schedule = list(range(max_drafts, 0, -1))  # the exploration steps still to run
+        self.seconds: dict[int, list[float]] = {}
+        self.since_probe = 0
+        self.probe_up = True
+
+    def rate(self, drafts: int) -> float:
+        times = sorted(self.seconds[drafts])
+        return self.stats.expected_tokens_per_step(drafts) / times[len(times) // 2]
+
+    def best(self) -> int:
+        return max(self.seconds, key=self.rate)
+
+    def choose(self) -> int:
+        if self.schedule:
+            return self.schedule.pop(0)
+        best = self.best()
+        self.since_probe += 1
+        if self.since_probe < self.probe_every:
+            return best
+        self.since_probe = 0
+        self.probe_up = not self.probe_up
+        neighbours = [d for d in (best + 1, best - 1) if d in self.seconds]
+        return neighbours[0] if self.probe_up or len(neighbours) == 1 else neighbours[1]
+
+    def observe(self, drafts: int, seconds: float):
+        self.seconds[drafts] = [*self.seconds.get(drafts, []), seconds][-self.window :]
 
 
 def speculative_sampling(drafts, draft_probs, target_probs) -> tuple[torch.Tensor, torch.Tensor]:

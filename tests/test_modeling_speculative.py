@@ -109,6 +109,48 @@ def test_greedy_exact_agreeing_model(batch_size):
     assert per_position[0] >= per_position[1] >= per_position[2] > 0
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_greedy_exact_with_adaptive_draft_counts(batch_size):
+    """num_mtp_draft_tokens="adaptive" changes the count between steps, so the caches roll back by different
+    amounts from one step to the next; the tokens must still be plain greedy's."""
+    model = agreeing_model(num_nextn_predict_layers=1)
+    acceptance, stats = check_greedy_exact(model, batch_size, num_prompts=8, num_mtp_draft_tokens="adaptive")
+    assert acceptance > 0.5
+    used = {}
+    for s in stats:
+        assert sum(s.steps_by_drafts.values()) == s.steps and len(s.drafted_per_position) == 3
+        for drafts, steps in s.steps_by_drafts.items():
+            used[drafts] = used.get(drafts, 0) + steps
+    assert set(used) == {1, 2, 3}  # every count is tried before one is preferred
+
+
+def simulate_adaptive(acceptance: list[float], seconds, steps: int = 60) -> dict[int, int]:
+    """Runs AdaptiveDraftCount against a synthetic decoder: position i's draft is accepted (with every earlier one)
+    in a fraction acceptance[i] of row-steps, and a step with d drafts takes seconds(d). Returns steps per count."""
+    stats = speculative.MtpDecodingStats(drafted_per_position=[0] * 3, accepted_per_position=[0] * 3)
+    chooser = speculative.AdaptiveDraftCount(3, stats)
+    used = {}
+    for _ in range(steps):
+        drafts = chooser.choose()
+        used[drafts] = used.get(drafts, 0) + 1
+        for i in range(drafts):  # 100 rows' worth of this step, in expectation
+            stats.drafted_per_position[i] += 100
+            stats.accepted_per_position[i] += round(100 * acceptance[i])
+        chooser.observe(drafts, seconds(drafts))
+    return used
+
+
+def test_adaptive_draft_count_follows_the_measured_speed():
+    # Cheap extra drafts and high acceptance: 3 drafts give 3.4 tokens a step for 1.2x the time of 1 (1.9 tokens).
+    used = simulate_adaptive([0.9, 0.8, 0.7], lambda d: 1.0 + 0.1 * d)
+    assert used[3] >= 45, used
+    # Each extra draft doubles the step (a verify forward past a faster kernel's reach): 1 draft is the fastest.
+    used = simulate_adaptive([0.8, 0.6, 0.4], lambda d: 2.0**d)
+    assert used[1] >= 45, used
+    # The neighbours are still probed after the exploration, so a count whose time changes can win back.
+    assert used[2] >= 4, used
+
+
 @pytest.mark.parametrize("mode", ["absorbed", "expanded"])
 def test_greedy_exact_with_forced_mla_mode(mode):
     model = agreeing_model(num_nextn_predict_layers=1)
@@ -402,15 +444,21 @@ def test_errors_name_the_fix():
         tiny_config(mla_decode="fast")
     with pytest.raises(ValueError, match="MoeMtpConfig.num_mtp_draft_tokens"):
         tiny_config(num_mtp_draft_tokens=0)
+    with pytest.raises(ValueError, match="MoeMtpConfig.num_mtp_draft_tokens"):
+        tiny_config(num_mtp_draft_tokens="fast")
+    with pytest.raises(ValueError, match="num_mtp_draft_tokens must be a positive integer or 'adaptive'"):
+        model.generate(torch.tensor([[4, 5]]), max_new_tokens=3, use_mtp=True, num_mtp_draft_tokens="fast")
 
 
 def test_use_mtp_after_save_and_reload(tmp_path):
-    model = agreeing_model(num_nextn_predict_layers=1)
+    model = agreeing_model(num_nextn_predict_layers=1, num_mtp_draft_tokens="adaptive")
     model.save_pretrained(tmp_path)
     reloaded = MoeMtpForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_mtp_draft_tokens == "adaptive"
     ids = torch.tensor([[4, 8, 15, 16]])
     expected = model.generate(ids, max_new_tokens=10, do_sample=False)
     assert torch.equal(reloaded.generate(ids, max_new_tokens=10, do_sample=False, use_mtp=True), expected)
+    assert len(reloaded.last_mtp_stats.drafted_per_position) == 3  # the saved setting was read: adaptive, up to 3
 
 
 def test_mla_decode_kwarg_and_config_choose_the_path(monkeypatch):

@@ -88,10 +88,23 @@ def test_mtp_only_keeps_every_main_tensor_bit_identical(trained, tmp_path):
         train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(out), *ALIGN])
 
 
+def test_mtp_drafts_default_saves_adaptive(trained, tmp_path):
+    out = tmp_path / "default"
+    flags = [*ALIGN[:-2], "--max-steps", "20", "--acceptance-prompts", "2", "--acceptance-tokens", "24"]
+    train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(out), *flags])
+    # generate chooses the drafts per step as it decodes: nothing is timed here
+    assert summary_of(out)["num_mtp_draft_tokens"] == "adaptive" and summary_of(out)["speed_by_drafts"] == {}
+    model = MoeMtpForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    assert model.config.num_mtp_draft_tokens == "adaptive"
+    stats = assert_greedy_exact(model, prompts_of(out / "model"))
+    assert len(stats.drafted_per_position) == 3 and sum(stats.steps_by_drafts.values()) == stats.steps
+
+
 def test_mtp_drafts_auto_times_each_count_and_saves_the_fastest(trained, tmp_path, capsys):
     out = tmp_path / "auto"
     flags = [*ALIGN[:-2], "--max-steps", "20", "--acceptance-prompts", "2", "--acceptance-tokens", "24"]
-    train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(out), *flags, "--max-mtp-drafts", "3"])
+    train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(out), *flags, "--mtp-drafts", "auto",
+                "--max-mtp-drafts", "3"])  # fmt: skip
     summary = summary_of(out)
     speeds = {int(count): ratio for count, ratio in summary["speed_by_drafts"].items()}
     assert sorted(speeds) == [1, 2, 3] and all(ratio > 0 for ratio in speeds.values())

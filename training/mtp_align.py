@@ -13,8 +13,10 @@ unquantized load of the input, and every main tensor is compared with the input'
 place) plus the trained MTP modules. Greedy draft acceptance on held-out text is printed before and after: the
 blocks of PATH after the first 1 - `--eval-fraction`, never used for alignment.
 
-How many tokens to draft per step is saved too (`num_mtp_draft_tokens`, which `generate(use_mtp=True)` reads): with
-`--mtp-drafts auto` the fastest of 1 to `--max-mtp-drafts`, timed on up to 4 held-out prompts against plain decoding.
+How many tokens to draft per step is saved too (`num_mtp_draft_tokens`, which `generate(use_mtp=True)` reads): by
+default `adaptive`, which lets `generate` choose the count step by step from the speed it measures (the best count
+changes with the batch and the context); `--mtp-drafts auto` saves the fastest fixed count of 1 to `--max-mtp-drafts`,
+timed on up to 4 held-out prompts against plain decoding (batch 1); `--mtp-drafts N` saves N.
 Drafts beyond the number of modules reuse the last module on its own output; when the model is small, a step is
 mostly fixed per-operation cost, so drafting several tokens per verification forward can pay even at lower
 acceptance per extra draft.
@@ -31,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, write_text
+from ..modeling.speculative import ADAPTIVE
 
 MTP_PREFIX = "model.mtp_layers."
 ALIGN_SUMMARY = "mtp_align.json"
@@ -71,11 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--acceptance-tokens", type=int, default=64, help="Tokens generated per acceptance prompt.")
     group.add_argument(
         "--mtp-drafts",
-        default="auto",
-        metavar="N|auto",
-        help="Drafts per speculative step saved as the output's num_mtp_draft_tokens. auto: after training, time "
-        "greedy decoding of up to 4 acceptance prompts (batch 1) with 1 to --max-mtp-drafts drafts against plain "
-        "decoding, and keep the fastest.",
+        default="adaptive",
+        metavar="N|auto|adaptive",
+        help="Drafts per speculative step saved as the output's num_mtp_draft_tokens. adaptive (default): generate "
+        "chooses 1 to max(modules, 3) step by step, from the tokens per second it measures. auto: after training, "
+        "time greedy decoding of up to 4 acceptance prompts (batch 1) with 1 to --max-mtp-drafts drafts against "
+        "plain decoding, and keep the fastest.",
     )
     group.add_argument("--max-mtp-drafts", type=int, default=3, help="Largest draft count --mtp-drafts auto tries.")
 
@@ -253,23 +257,25 @@ def draft_speeds(model, prompts: torch.Tensor, new_tokens: int, max_drafts: int,
     return {drafts: sorted(values)[len(values) // 2] for drafts, values in ratios.items()}
 
 
-def fixed_drafts(args) -> int | None:
-    """`--mtp-drafts` as a count, or None for auto; checked before any training."""
+def fixed_drafts(args) -> int | str | None:
+    """`--mtp-drafts` as a count or "adaptive", or None for auto; checked before any training."""
     if args.max_mtp_drafts < 1:
         raise SystemExit(f"--max-mtp-drafts must be at least 1, got {args.max_mtp_drafts}")
     if args.mtp_drafts == "auto":
         return None
+    if args.mtp_drafts == ADAPTIVE:
+        return ADAPTIVE
     try:
         drafts = int(args.mtp_drafts)
     except ValueError:
         drafts = 0
     if drafts < 1:
-        raise SystemExit(f"--mtp-drafts must be a positive integer or 'auto', got {args.mtp_drafts!r}")
+        raise SystemExit(f"--mtp-drafts must be a positive integer, 'auto' or 'adaptive', got {args.mtp_drafts!r}")
     return drafts
 
 
-def choose_drafts(model, prompts, args) -> tuple[int, dict]:
-    """`--mtp-drafts`: a fixed count, or (auto) the fastest count measured by `draft_speeds`."""
+def choose_drafts(model, prompts, args) -> tuple[int | str, dict]:
+    """`--mtp-drafts`: a fixed count or "adaptive", or (auto) the fastest count measured by `draft_speeds`."""
     drafts = fixed_drafts(args)
     if drafts is not None:
         return drafts, {}
@@ -308,7 +314,7 @@ def compare_main_tensors(source, written) -> int:
         theirs.close()
 
 
-def write_model(args, mtp_state: dict, depth: int, tokenizer, output_dir: Path, drafts: int) -> int:
+def write_model(args, mtp_state: dict, depth: int, tokenizer, output_dir: Path, drafts: int | str) -> int:
     """OUT/model: the input folder reloaded unquantized in its own dtype, with the trained MTP modules and `drafts`
     as its `num_mtp_draft_tokens`, written to `model.partial`, compared with the input, then renamed into place."""
     model = load_model(args, depth, dtype="auto", quantized=False)
