@@ -151,9 +151,9 @@ class _SpeculativeDecoder:
         self, model, cache, num_drafts, logits_processor, stopping_criteria, generation_config, streamer, forward_kwargs
     ):
         self.model, self.cache = model, cache
-        self.adaptive = num_drafts == ADAPTIVE
+        adaptive = num_drafts == ADAPTIVE
         # the most drafts any step may take; `num_drafts` is this step's count
-        self.max_drafts = max(len(model.model.mtp_layers), ADAPTIVE_MAX_DRAFTS) if self.adaptive else num_drafts
+        self.max_drafts = max(len(model.model.mtp_layers), ADAPTIVE_MAX_DRAFTS) if adaptive else num_drafts
         self.num_drafts = self.max_drafts
         self.logits_processor, self.stopping_criteria = logits_processor, stopping_criteria
         self.do_sample = generation_config.do_sample
@@ -170,7 +170,7 @@ class _SpeculativeDecoder:
         self.stats = MtpDecodingStats(
             drafted_per_position=[0] * self.max_drafts, accepted_per_position=[0] * self.max_drafts
         )
-        self.draft_count = AdaptiveDraftCount(self.max_drafts, self.stats) if self.adaptive else None
+        self.draft_count = AdaptiveDraftCount(self.max_drafts, self.stats) if adaptive else None
         # Fast paths for what `generate` adds by default. Per step, a plain step calls the processors and criteria
         # once; called position by position here they cost a fifth of a small model's step (measured), so the
         # length-only processors and the max-length / EOS criteria are applied to every position at once. Anything
