@@ -123,9 +123,18 @@ def training_documents(tokenizer, size: int = 4000) -> list[str]:
     return [text[start : start + size] for start in range(0, end, size)]
 
 
-def align_model(model_dir: Path, aligned_dir: Path, steps: int, quick: bool, device: str) -> dict:
-    """Re-aligns the MTP module of `model_dir` on the model's own greedy predictions, through the command users run
-    (`python -m moe_mtp.train --mtp-only`), into `aligned_dir`; returns its summary (acceptance before and after)."""
+def align_model(
+    model_dir: Path,
+    aligned_dir: Path,
+    steps: int,
+    device: str,
+    prompt_lengths: list[int],
+    new_tokens: int,
+    sequences: int,
+) -> dict:
+    """Re-aligns the MTP module of `model_dir` on the model's own greedy continuations of training-text prompts of
+    `prompt_lengths` tokens, through the command users run (`python -m moe_mtp.train --mtp-only`), into
+    `aligned_dir`; returns its summary (acceptance before and after)."""
     from transformers import AutoTokenizer
 
     work = Path(tempfile.mkdtemp(prefix="bench_decode_align_"))
@@ -138,6 +147,9 @@ def align_model(model_dir: Path, aligned_dir: Path, steps: int, quick: bool, dev
             "--output-dir", str(work / "out"), "--max-steps", str(steps), "--seq-len", "128", "--batch-size", "8",
             "--lr", "2e-3", "--warmup-steps", str(max(steps // 20, 1)), "--eval-fraction", "0.05",
             "--mtp-targets", "self_greedy", "--cache-dir", str(work / "cache"), "--acceptance-prompts", "4",
+            # along the model's own continuations of training-text prompts as long as the benchmark's
+            "--mtp-data", "generated", "--generate-prompt-lengths", *map(str, prompt_lengths), "--generate-tokens",
+            str(new_tokens), "--generated-sequences", str(sequences),
         ] + (["--cpu"] if device == "cpu" else [])  # fmt: skip
         subprocess.run(command, check=True)
         summary = json.loads((work / "out" / "mtp_align.json").read_text())
@@ -345,9 +357,12 @@ def main():
     if align_steps:
         decode_dir = model_dir.with_name(f"{model_dir.name}_aligned{align_steps}")
         summary = decode_dir / "mtp_align.json"
-        # realign folders aligned before --mtp-only chose the drafts per step
-        if args.retrain or not summary.exists() or "num_mtp_draft_tokens" not in json.loads(summary.read_text()):
-            align_model(model_dir, decode_dir, align_steps, quick, args.device)
+        # Continuations twice as long as the decoded ones (measured: more acceptance than as long). Folders aligned
+        # along the text or otherwise are aligned again.
+        generated = {"sequences": 64 if quick else 256, "new_tokens": 2 * new_tokens, "prompt_lengths": prompt_lengths}
+        aligned = json.loads(summary.read_text()) if summary.exists() else {}
+        if args.retrain or {k: (aligned.get("generated") or {}).get(k) for k in generated} != generated:
+            align_model(model_dir, decode_dir, align_steps, args.device, **generated)
         alignment = json.loads((decode_dir / "mtp_align.json").read_text())
     from transformers import AutoTokenizer
 

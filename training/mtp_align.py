@@ -6,7 +6,14 @@
 Every main-model weight is frozen. Only the MTP modules train, by self-distillation: at slot i, depth k sees the main
 model's hidden state at i and the embedding of token i + k, and learns the main model's own prediction at position
 i + k (its distribution, `--mtp-targets self_kl`, or its argmax, `self_greedy`), which is exactly what
-`generate(use_mtp=True)` accepts. The text itself only supplies contexts.
+`generate(use_mtp=True)` accepts.
+
+The contexts are, by default, the main model's own greedy continuations (`--mtp-data generated`, as Medusa-2, EAGLE
+and FastMTP train their draft heads): prompts cut from PATH's training text, `--generate-tokens` generated after
+each, and every slot of prompt and continuation distilled. Speculation drafts along the model's own output, which
+drifts from human text (a small model repeats itself); a head aligned along that output is accepted more often
+(docs/training.md has the numbers). Give `--generate-prompt-lengths` the context lengths you decode at: a head that
+never saw position 2048 drafts worse there. `--mtp-data text` aligns along PATH's text instead.
 
 `OUT/model` is a from_pretrained folder: the input folder's main-model tensors unchanged (it is written from a fresh,
 unquantized load of the input, and every main tensor is compared with the input's before the folder is renamed into
@@ -66,6 +73,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--add-mtp: new modules start from the model's initializer, or copy the last decoder layer's attention "
         "and MLP (measured slower to align; docs/training.md).",
     )
+    group.add_argument(
+        "--mtp-data",
+        choices=["generated", "text"],
+        default="generated",
+        help="Align along the main model's greedy continuations of prompts from --data's text (generated) or along "
+        "the text alone.",
+    )
+    group.add_argument(
+        "--generate-tokens",
+        type=int,
+        default=None,
+        metavar="G",
+        help="--mtp-data generated: tokens generated after each prompt (default: half of --seq-len).",
+    )
+    group.add_argument(
+        "--generate-prompt-lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="P",
+        help="--mtp-data generated: prompt lengths, the context lengths you will decode at; the sequences are spread "
+        "evenly over them (default: --seq-len minus G).",
+    )
+    group.add_argument(
+        "--generated-sequences",
+        type=int,
+        default=256,
+        help="--mtp-data generated: how many continuations to generate (once, before training).",
+    )
     group.add_argument("--load-in-8bit", action="store_true", help="Load the frozen main model in bitsandbytes int8.")
     group.add_argument("--load-in-4bit", action="store_true", help="Load the frozen main model in bitsandbytes nf4.")
     group.add_argument(
@@ -88,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def token_blocks(args, tokenizer) -> tuple:
-    """(training blocks, held-out blocks as a tensor) from the corpus's token store, the one `python -m
+    """(token store, training blocks, held-out blocks as a tensor) from the corpus's token store, the one `python -m
     moe_mtp.train` builds and caches: the same documents are held out, by a hash of their text, so a model trained
     on this corpus never saw the held-out blocks."""
     from .. import data as token_data
@@ -105,7 +141,99 @@ def token_blocks(args, tokenizer) -> tuple:
             "give more text, a shorter --seq-len or a larger --eval-fraction"
         )
     count = len(held_out) if not args.eval_batches else min(len(held_out), args.eval_batches * args.batch_size)
-    return train, held_out[range(count)]
+    return store, train, held_out[range(count)]
+
+
+class Bucket:
+    """Training sequences of one length (`sequences[i]` is a (length,) tensor) and how many go in a micro-batch.
+    `prompt_len` tokens of each are text, the rest the main model's continuation (0: all text)."""
+
+    def __init__(self, sequences, prompt_len: int, batch_size: int):
+        self.sequences, self.prompt_len, self.batch_size = sequences, prompt_len, batch_size
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+
+class Batches:
+    """Endless batches of input ids: a bucket chosen in proportion to its size, then its next `batch_size`
+    sequences of a shuffled order (reshuffled after each pass)."""
+
+    def __init__(self, buckets: list[Bucket], seed: int):
+        self.buckets = buckets
+        self.generator = torch.Generator().manual_seed(seed)
+        self.weights = torch.tensor([float(len(bucket)) for bucket in buckets])
+        self.orders = [torch.randperm(len(bucket), generator=self.generator) for bucket in buckets]
+        self.cursors = [0] * len(buckets)
+
+    def next(self) -> torch.Tensor:
+        i = int(torch.multinomial(self.weights, 1, generator=self.generator)) if len(self.buckets) > 1 else 0
+        bucket, size = self.buckets[i], min(self.buckets[i].batch_size, len(self.buckets[i]))
+        if self.cursors[i] + size > len(bucket):
+            self.orders[i], self.cursors[i] = torch.randperm(len(bucket), generator=self.generator), 0
+        indices = self.orders[i][self.cursors[i] : self.cursors[i] + size]
+        self.cursors[i] += size
+        return bucket.sequences[indices]
+
+
+# Tokens per generation batch: prompts of 64 + 64 go 32 at a time, of 2048 + 64 three at a time.
+GENERATION_BATCH_TOKENS = 8192
+
+
+def generation_plan(args) -> tuple[int, list[int]]:
+    """(tokens generated per prompt, prompt lengths) of --mtp-data generated."""
+    new_tokens = args.generate_tokens if args.generate_tokens is not None else max(args.seq_len // 2, 1)
+    lengths = args.generate_prompt_lengths or [max(args.seq_len - new_tokens, 1)]
+    if new_tokens < 1 or min(lengths) < 1 or args.generated_sequences < len(lengths):
+        raise SystemExit(
+            f"--mtp-data generated needs --generate-tokens >= 1 (got {new_tokens}), prompt lengths >= 1 (got "
+            f"{lengths}) and --generated-sequences >= the number of prompt lengths (got {args.generated_sequences})"
+        )
+    return new_tokens, lengths
+
+
+@torch.no_grad()
+def generated_buckets(model, store, args, device) -> tuple[list[Bucket], float]:
+    """The main model's greedy continuations of prompts cut from the training text, one bucket per prompt length
+    (its micro-batch holds about as many tokens as --batch-size blocks of --seq-len); returns them and the seconds
+    the generation took. EOS does not stop a continuation: every sequence is prompt + G tokens."""
+    new_tokens, lengths = generation_plan(args)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    model.eval()
+    start, buckets = time.perf_counter(), []
+    progress = tqdm(
+        total=args.generated_sequences, desc="generating", unit="seq", disable=args.no_progress, dynamic_ncols=True
+    )
+    for index, prompt_len in enumerate(lengths):
+        count = args.generated_sequences // len(lengths) + (index < args.generated_sequences % len(lengths))
+        blocks = store.blocks("train", prompt_len)
+        if len(blocks) < 1:
+            raise SystemExit(f"--generate-prompt-lengths {prompt_len}: the training text is shorter than that")
+        # the training text's blocks, each once while there are enough
+        picks = torch.cat([torch.randperm(len(blocks), generator=generator) for _ in range(-(-count // len(blocks)))])
+        per_batch = max(1, min(32, GENERATION_BATCH_TOKENS // (prompt_len + new_tokens)))
+        sequences = []
+        for chunk in picks[:count].split(per_batch):
+            prompts = blocks[chunk].to(device)
+            sequences.append(
+                model.generate(
+                    prompts,
+                    attention_mask=torch.ones_like(prompts),
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=pad,
+                    use_mtp=False,
+                ).cpu()  # fmt: skip
+            )
+            if sequences[-1].shape[1] != prompt_len + new_tokens:  # generate stopped early: a criterion we missed
+                raise RuntimeError(f"generated {sequences[-1].shape[1] - prompt_len} tokens, not {new_tokens}")
+            progress.update(len(chunk))
+        batch_size = max(1, args.batch_size * args.seq_len // (prompt_len + new_tokens))
+        buckets.append(Bucket(torch.cat(sequences), prompt_len, batch_size))
+    progress.close()
+    return buckets, time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------------------------- model
@@ -366,7 +494,7 @@ def run(args) -> dict:
         model.to(device)
     trainable = freeze_main_model(model)
 
-    train_blocks, eval_blocks = token_blocks(args, tokenizer)
+    store, train_blocks, eval_blocks = token_blocks(args, tokenizer)
     prompt_len = min(64, args.seq_len // 2)
     prompts = eval_blocks[: args.acceptance_prompts, :prompt_len].to(device)
 
@@ -376,7 +504,17 @@ def run(args) -> dict:
         f"({len(prompts)} prompts x {args.acceptance_tokens} tokens), {before['teacher_forced']:.3f} teacher-forced",
         flush=True,
     )
-    history, seconds = align(model, trainable, train_blocks, args, device)
+    generation_seconds = None
+    if args.mtp_data == "generated":
+        buckets, generation_seconds = generated_buckets(model, store, args, device)
+        print(
+            f"generated {sum(len(b) for b in buckets)} greedy continuations of {generation_plan(args)[0]} tokens "
+            f"(prompts of {', '.join(str(b.prompt_len) for b in buckets)} tokens) in {generation_seconds:.0f} s",
+            flush=True,
+        )
+    else:
+        buckets = [Bucket(train_blocks, 0, args.batch_size)]
+    history, seconds = align(model, trainable, Batches(buckets, args.seed), args, device)
     after = measure(model, eval_blocks, prompts, args, device)
     print(
         f"MTP greedy acceptance on held-out text after:  {after['acceptance']:.3f} decoding, "
@@ -406,6 +544,15 @@ def run(args) -> dict:
         "quantized": "int8" if args.load_in_8bit else "nf4" if args.load_in_4bit else None,
         "steps": args.max_steps,
         "seconds": seconds,
+        "mtp_data": args.mtp_data,
+        "generated": None
+        if generation_seconds is None
+        else {
+            "sequences": sum(len(b) for b in buckets),
+            "new_tokens": generation_plan(args)[0],
+            "prompt_lengths": [b.prompt_len for b in buckets],
+            "seconds": generation_seconds,
+        },  # fmt: skip
         "train_blocks": len(train_blocks),
         "eval_blocks": len(eval_blocks),
         "before": before,
@@ -426,6 +573,8 @@ def check_args(args) -> None:
     if args.resume:
         raise SystemExit("--mtp-only runs are short and write no checkpoints: drop --resume")
     fixed_drafts(args)
+    if args.mtp_data == "generated":
+        generation_plan(args)
 
 
 def mtp_depths(args) -> tuple[int, int]:
@@ -445,7 +594,7 @@ def mtp_depths(args) -> tuple[int, int]:
     return saved, args.add_mtp
 
 
-def align(model, trainable: list[torch.nn.Parameter], train_blocks, args, device) -> tuple[list[dict], float]:
+def align(model, trainable: list[torch.nn.Parameter], batches: Batches, args, device) -> tuple[list[dict], float]:
     """Trains the MTP modules on the main model's own predictions (`--mtp-targets`) with AdamW, warmup and cosine
     decay, the main model frozen; returns the logged records and the seconds it took."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -462,8 +611,6 @@ def align(model, trainable: list[torch.nn.Parameter], train_blocks, args, device
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, args.warmup_steps, args.max_steps, min_lr_rate=args.min_lr_ratio
     )
-    generator = torch.Generator().manual_seed(args.seed)
-    order, cursor = torch.randperm(len(train_blocks), generator=generator), 0
     # Eval mode throughout: the routers neither count tokens nor move their balancing bias (no main-model buffer
     # changes), and nothing in the model depends on train mode otherwise (no dropout).
     model.eval()
@@ -472,12 +619,12 @@ def align(model, trainable: list[torch.nn.Parameter], train_blocks, args, device
     for step in progress:
         total = 0.0
         for _ in range(args.grad_accum):
-            if cursor + args.batch_size > len(order):
-                order, cursor = torch.randperm(len(train_blocks), generator=generator), 0
-            batch = train_blocks[order[cursor : cursor + args.batch_size]].to(device)
-            cursor += args.batch_size
+            batch = batches.next().to(device)
             out = model(input_ids=batch, labels=batch)
-            loss = torch.stack(list(out.mtp_losses)).mean() / args.grad_accum
+            losses = [loss for loss in out.mtp_losses if loss is not None]  # None: a depth with no target here
+            if not losses:
+                continue
+            loss = torch.stack(losses).mean() / args.grad_accum
             loss.backward()
             total += float(loss.detach())
         if args.max_grad_norm:
