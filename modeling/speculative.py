@@ -503,23 +503,22 @@ class _SpeculativeDecoder:
 class AdaptiveDraftCount:
     """Chooses each step's draft count (1 to `max_drafts`) for the most tokens per second: the expected tokens per
     row and step come from the call's acceptance so far (`MtpDecodingStats.expected_tokens_per_step`), the seconds
-    per step from the median of the count's last few timed steps (one slow step, a machine hiccup, moves a median
-    little).
+    per step from the fastest of the count's last few timed steps: a busy machine only ever slows a step, so the
+    fastest is nearest the count's own cost (against the median, faster in 3 of 4 benchmark cases: docs/benchmarks.md).
 
-    Every count runs once first, the most drafts first so that every position's acceptance is seen; after that the
+    Every count runs twice first, the most drafts first so that every position's acceptance is seen; after that the
     best count runs, and every `probe_every` steps a neighbour of it runs once, which keeps the neighbours' timing
     and the deeper positions' acceptance current."""
 
     def __init__(self, max_drafts: int, stats: MtpDecodingStats, probe_every: int = 6, window: int = 5):
         self.stats, self.probe_every, self.window = stats, probe_every, window
-        self.schedule = list(range(max_drafts, 0, -1))  # the exploration steps still to run
+        self.schedule = list(range(max_drafts, 0, -1)) * 2  # the exploration steps still to run
         self.seconds: dict[int, list[float]] = {}
         self.since_probe = 0
         self.probe_up = True
 
     def rate(self, drafts: int) -> float:
-        times = sorted(self.seconds[drafts])
-        return self.stats.expected_tokens_per_step(drafts) / times[len(times) // 2]
+        return self.stats.expected_tokens_per_step(drafts) / min(self.seconds[drafts])
 
     def best(self) -> int:
         return max(self.seconds, key=self.rate)
