@@ -79,8 +79,9 @@ bench: $(INSTALL_STAMP)
 # 1. writes a code corpus from this Python's own stdlib sources (moe_mtp.corpora; held-out files kept apart);
 # 2. trains a small MoE+MTP code model on it from scratch (python -m moe_mtp.train), 8 thin layers so that the
 #    MTP module is a small share of a decoding step;
-# 3. re-aligns its MTP module on the model's own predictions (--mtp-only; the main model is left bit-identical)
-#    and saves `num_mtp_draft_tokens=adaptive`: generate then picks the drafts per step from the speed it measures;
+# 3. re-aligns its MTP module on the model's own predictions along its own greedy continuations (--mtp-only; the
+#    main model is left bit-identical) and saves `num_mtp_draft_tokens=adaptive`: generate then picks the drafts per
+#    step from the speed it measures;
 # 4. generates on held-out files with and without MTP speculation, before and after, and prints acceptance and
 #    the speed ratio. `--resume` makes a second `make quickstart` reuse the finished run in QUICKSTART_DIR.
 # A test runs it with QUICKSTART_ARGS=--smoke GENERATE_ARGS=--smoke.
