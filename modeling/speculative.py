@@ -510,7 +510,7 @@ class AdaptiveDraftCount:
     best count runs, and every `probe_every` steps a neighbour of it runs once, which keeps the neighbours' timing
     and the deeper positions' acceptance current."""
 
-    def __init__(self, max_drafts: int, stats: MtpDecodingStats, probe_every: int = 6, window: int = 5):
+    def __init__(self, max_drafts: int, stats: MtpDecodingStats, probe_every: int = 6, window: int = 10):
         self.stats, self.probe_every, self.window = stats, probe_every, window
         self.schedule = list(range(max_drafts, 0, -1)) * 2  # the exploration steps still to run
         self.seconds: dict[int, list[float]] = {}
