@@ -507,8 +507,9 @@ class AdaptiveDraftCount:
     fastest is nearest the count's own cost (against the median, faster in 3 of 4 benchmark cases: docs/benchmarks.md).
 
     Every count runs twice first, the most drafts first so that every position's acceptance is seen; after that the
-    best count runs, and every `probe_every` steps a neighbour of it runs once, which keeps the neighbours' timing
-    and the deeper positions' acceptance current."""
+    best count runs, and every `probe_every` steps a neighbour of it runs once, which keeps the deeper positions'
+    acceptance current and lets a neighbour that got cheaper win back. A count whose fastest step was a fluke looks
+    best, runs, and loses the fluke from its window within `window` steps."""
 
     def __init__(self, max_drafts: int, stats: MtpDecodingStats, probe_every: int = 6, window: int = 10):
         self.stats, self.probe_every, self.window = stats, probe_every, window

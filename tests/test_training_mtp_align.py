@@ -3,6 +3,7 @@
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -162,7 +163,7 @@ def test_generated_data_continues_prompts_of_each_length(trained, tmp_path):
     from transformers import AutoTokenizer
 
     from moe_mtp.train import parse_args
-    from moe_mtp.training.mtp_align import Batches, generated_buckets, token_blocks
+    from moe_mtp.training.mtp_align import Batches, generated_buckets, token_blocks, warn_past_positions
 
     args = parse_args(["--mtp-only", "--model", str(trained), "--output-dir", str(tmp_path), *ALIGN,
                        "--generate-prompt-lengths", "8", "24", "--generate-tokens", "6", "--generated-sequences", "5"])  # fmt: skip
@@ -171,18 +172,28 @@ def test_generated_data_continues_prompts_of_each_length(trained, tmp_path):
     buckets, _ = generated_buckets(model, store, args, "cpu")
     assert [(b.prompt_len, len(b), b.sequences.shape[1]) for b in buckets] == [(8, 3, 14), (24, 2, 30)]
     short = buckets[0].sequences
-    train_text = torch.from_numpy(store.blocks("train", 8).rows.astype("int64"))
-    assert all((train_text == row[:8]).all(1).any() for row in short)  # prompts are training-text blocks
+    windows = torch.from_numpy(np.lib.stride_tricks.sliding_window_view(store.tokens["train"], 8).astype("int64"))
+    assert all((windows == row[:8]).all(1).any() for row in short)  # prompts are windows of the training text
     with torch.no_grad():  # continuations are the model's own greedy tokens
         again = model.generate(short[:, :8], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(again, short)
     batches = Batches(buckets, seed=0)
     drawn = [batches.next() for _ in range(40)]  # buckets in proportion to their size, whole micro-batches
     assert {tuple(batch.shape) for batch in drawn} == {(3, 14), (2, 30)}  # batch_size 9 and 4, capped
-    with pytest.raises(SystemExit, match="--generate-tokens >= 1"):  # refused before any loading
-        train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(tmp_path / "bad"), *ALIGN,
-                    "--generate-tokens", "0"])  # fmt: skip
-    assert not (tmp_path / "bad").exists()
+    with pytest.warns(UserWarning, match="max_position_embeddings"):  # the smoke model's is 32
+        warn_past_positions(model.config, 6, [8, 30])
+
+    refused = {  # before any loading, each naming its flag
+        ("--generate-tokens", "0"): "--generate-tokens must be at least 1",
+        ("--generate-tokens", "32"): "leaves no prompt in --seq-len 32",
+        ("--generate-prompt-lengths", "1", "--generate-tokens", "1"): "too short a sequence for 1 MTP module",
+        ("--generate-prompt-lengths", "8", "16", "--generated-sequences", "1"): "--generated-sequences 1 is fewer",
+        ("--mtp-data", "text", "--generate-tokens", "8"): "--generate-tokens: only with --mtp-data generated",
+    }
+    for flags, message in refused.items():
+        with pytest.raises(SystemExit, match=message):
+            train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(tmp_path / "bad"), *ALIGN, *flags])
+        assert not (tmp_path / "bad").exists()
 
 
 def test_mtp_only_on_an_int8_base(trained, tmp_path):

@@ -34,8 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -99,8 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--generated-sequences",
         type=int,
-        default=256,
-        help="--mtp-data generated: how many continuations to generate (once, before training).",
+        default=None,
+        help="--mtp-data generated: how many continuations to generate, once, before training (default 256).",
     )
     group.add_argument("--load-in-8bit", action="store_true", help="Load the frozen main model in bitsandbytes int8.")
     group.add_argument("--load-in-4bit", action="store_true", help="Load the frozen main model in bitsandbytes nf4.")
@@ -178,18 +180,48 @@ class Batches:
 
 # Tokens per generation batch: prompts of 64 + 64 go 32 at a time, of 2048 + 64 three at a time.
 GENERATION_BATCH_TOKENS = 8192
+DEFAULT_GENERATED_SEQUENCES = 256
 
 
-def generation_plan(args) -> tuple[int, list[int]]:
-    """(tokens generated per prompt, prompt lengths) of --mtp-data generated."""
+def generation_plan(args, depth: int = 1) -> tuple[int, list[int]]:
+    """(tokens generated per prompt, prompt lengths) of --mtp-data generated, refused if a sequence is too short for
+    `depth` MTP modules (depth k needs k + 2 tokens: a hidden state, the embedded token k later, its target)."""
     new_tokens = args.generate_tokens if args.generate_tokens is not None else max(args.seq_len // 2, 1)
-    lengths = args.generate_prompt_lengths or [max(args.seq_len - new_tokens, 1)]
-    if new_tokens < 1 or min(lengths) < 1 or args.generated_sequences < len(lengths):
+    if new_tokens < 1:
+        raise SystemExit(f"--generate-tokens must be at least 1, got {new_tokens}")
+    if args.generate_prompt_lengths is None and new_tokens >= args.seq_len:
         raise SystemExit(
-            f"--mtp-data generated needs --generate-tokens >= 1 (got {new_tokens}), prompt lengths >= 1 (got "
-            f"{lengths}) and --generated-sequences >= the number of prompt lengths (got {args.generated_sequences})"
+            f"--generate-tokens {new_tokens} leaves no prompt in --seq-len {args.seq_len}: generate fewer tokens or "
+            "give --generate-prompt-lengths"
+        )
+    lengths = args.generate_prompt_lengths or [args.seq_len - new_tokens]
+    if min(lengths) < 1:
+        raise SystemExit(f"--generate-prompt-lengths must be at least 1, got {lengths}")
+    if min(lengths) + new_tokens < depth + 2:
+        raise SystemExit(
+            f"--generate-prompt-lengths {min(lengths)} + --generate-tokens {new_tokens} is too short a sequence for "
+            f"{depth} MTP module(s): it needs at least {depth + 2} tokens"
+        )
+    if generated_sequences(args) < len(lengths):
+        raise SystemExit(
+            f"--generated-sequences {generated_sequences(args)} is fewer than the {len(lengths)} prompt lengths"
         )
     return new_tokens, lengths
+
+
+def warn_past_positions(config, new_tokens: int, lengths: list[int]) -> None:
+    longest, limit = max(lengths) + new_tokens, config.max_position_embeddings
+    if limit and longest > limit:
+        warnings.warn(
+            f"--generate-prompt-lengths {max(lengths)} + --generate-tokens {new_tokens} make {longest}-token sequences, "
+            f"past the model's max_position_embeddings ({limit}): the alignment sees positions the main model was "
+            "not trained for",
+            stacklevel=2,
+        )
+
+
+def generated_sequences(args) -> int:
+    return DEFAULT_GENERATED_SEQUENCES if args.generated_sequences is None else args.generated_sequences
 
 
 @torch.no_grad()
@@ -198,24 +230,24 @@ def generated_buckets(model, store, args, device) -> tuple[list[Bucket], float]:
     (its micro-batch holds about as many tokens as --batch-size blocks of --seq-len); returns them and the seconds
     the generation took. EOS does not stop a continuation: every sequence is prompt + G tokens."""
     new_tokens, lengths = generation_plan(args)
+    total = generated_sequences(args)
+    stream = store.tokens["train"]
     generator = torch.Generator().manual_seed(args.seed + 1)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     model.eval()
     start, buckets = time.perf_counter(), []
-    progress = tqdm(
-        total=args.generated_sequences, desc="generating", unit="seq", disable=args.no_progress, dynamic_ncols=True
-    )
+    progress = tqdm(total=total, desc="generating", unit="seq", disable=args.no_progress, dynamic_ncols=True)
     for index, prompt_len in enumerate(lengths):
-        count = args.generated_sequences // len(lengths) + (index < args.generated_sequences % len(lengths))
-        blocks = store.blocks("train", prompt_len)
-        if len(blocks) < 1:
-            raise SystemExit(f"--generate-prompt-lengths {prompt_len}: the training text is shorter than that")
-        # the training text's blocks, each once while there are enough
-        picks = torch.cat([torch.randperm(len(blocks), generator=generator) for _ in range(-(-count // len(blocks)))])
+        count = total // len(lengths) + (index < total % len(lengths))
+        if len(stream) < prompt_len:
+            raise SystemExit(f"--generate-prompt-lengths {prompt_len}: the training text has only {len(stream)} tokens")
+        # windows at random offsets: distinct prompts even where the text holds few blocks of this length
+        starts = torch.randint(0, len(stream) - prompt_len + 1, (count,), generator=generator).tolist()
         per_batch = max(1, min(32, GENERATION_BATCH_TOKENS // (prompt_len + new_tokens)))
         sequences = []
-        for chunk in picks[:count].split(per_batch):
-            prompts = blocks[chunk].to(device)
+        for first in range(0, count, per_batch):
+            windows = [stream[start : start + prompt_len] for start in starts[first : first + per_batch]]
+            prompts = torch.from_numpy(np.stack(windows).astype(np.int64)).to(device)
             sequences.append(
                 model.generate(
                     prompts,
@@ -229,7 +261,7 @@ def generated_buckets(model, store, args, device) -> tuple[list[Bucket], float]:
             )
             if sequences[-1].shape[1] != prompt_len + new_tokens:  # generate stopped early: a criterion we missed
                 raise RuntimeError(f"generated {sequences[-1].shape[1] - prompt_len} tokens, not {new_tokens}")
-            progress.update(len(chunk))
+            progress.update(len(prompts))
         batch_size = max(1, args.batch_size * args.seq_len // (prompt_len + new_tokens))
         buckets.append(Bucket(torch.cat(sequences), prompt_len, batch_size))
     progress.close()
@@ -493,6 +525,8 @@ def run(args) -> dict:
     if not (args.load_in_8bit or args.load_in_4bit):
         model.to(device)
     trainable = freeze_main_model(model)
+    if args.mtp_data == "generated":
+        warn_past_positions(model.config, *generation_plan(args, depth))
 
     store, train_blocks, eval_blocks = token_blocks(args, tokenizer)
     prompt_len = min(64, args.seq_len // 2)
@@ -509,7 +543,7 @@ def run(args) -> dict:
         buckets, generation_seconds = generated_buckets(model, store, args, device)
         print(
             f"generated {sum(len(b) for b in buckets)} greedy continuations of {generation_plan(args)[0]} tokens "
-            f"(prompts of {', '.join(str(b.prompt_len) for b in buckets)} tokens) in {generation_seconds:.0f} s",
+            f"(prompt lengths {', '.join(str(b.prompt_len) for b in buckets)}) in {generation_seconds:.0f} s",
             flush=True,
         )
     else:
@@ -574,7 +608,13 @@ def check_args(args) -> None:
         raise SystemExit("--mtp-only runs are short and write no checkpoints: drop --resume")
     fixed_drafts(args)
     if args.mtp_data == "generated":
-        generation_plan(args)
+        generation_plan(args, depth=mtp_depths(args)[1])
+    else:
+        given = [flag for flag, value in (("--generate-tokens", args.generate_tokens),
+                 ("--generate-prompt-lengths", args.generate_prompt_lengths),
+                 ("--generated-sequences", args.generated_sequences)) if value is not None]  # fmt: skip
+        if given:
+            raise SystemExit(f"{', '.join(given)}: only with --mtp-data generated, not --mtp-data text")
 
 
 def mtp_depths(args) -> tuple[int, int]:
@@ -621,10 +661,7 @@ def align(model, trainable: list[torch.nn.Parameter], batches: Batches, args, de
         for _ in range(args.grad_accum):
             batch = batches.next().to(device)
             out = model(input_ids=batch, labels=batch)
-            losses = [loss for loss in out.mtp_losses if loss is not None]  # None: a depth with no target here
-            if not losses:
-                continue
-            loss = torch.stack(losses).mean() / args.grad_accum
+            loss = torch.stack(list(out.mtp_losses)).mean() / args.grad_accum
             loss.backward()
             total += float(loss.detach())
         if args.max_grad_norm:
