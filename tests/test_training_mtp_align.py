@@ -163,13 +163,19 @@ def test_generated_data_continues_prompts_of_each_length(trained, tmp_path):
     from transformers import AutoTokenizer
 
     from moe_mtp.train import parse_args
-    from moe_mtp.training.mtp_align import Batches, generated_buckets, token_blocks, warn_past_positions
+    from moe_mtp.training.mtp_align import (
+        Batches,
+        generated_buckets,
+        generation_plan,
+        token_blocks,
+        warn_past_positions,
+    )
 
     args = parse_args(["--mtp-only", "--model", str(trained), "--output-dir", str(tmp_path), *ALIGN,
                        "--generate-prompt-lengths", "8", "24", "--generate-tokens", "6", "--generated-sequences", "5"])  # fmt: skip
     model = MoeMtpForCausalLM.from_pretrained(trained, dtype=torch.float32).eval()
     store, _, _ = token_blocks(args, AutoTokenizer.from_pretrained(trained))
-    buckets, _ = generated_buckets(model, store, args, "cpu")
+    buckets, _ = generated_buckets(model, store, args, "cpu", *generation_plan(args))
     assert [(b.prompt_len, len(b), b.sequences.shape[1]) for b in buckets] == [(8, 3, 14), (24, 2, 30)]
     short = buckets[0].sequences
     windows = torch.from_numpy(np.lib.stride_tricks.sliding_window_view(store.tokens["train"], 8).astype("int64"))

@@ -225,11 +225,11 @@ def generated_sequences(args) -> int:
 
 
 @torch.no_grad()
-def generated_buckets(model, store, args, device) -> tuple[list[Bucket], float]:
-    """The main model's greedy continuations of prompts cut from the training text, one bucket per prompt length
-    (its micro-batch holds about as many tokens as --batch-size blocks of --seq-len); returns them and the seconds
-    the generation took. EOS does not stop a continuation: every sequence is prompt + G tokens."""
-    new_tokens, lengths = generation_plan(args)
+def generated_buckets(model, store, args, device, new_tokens: int, lengths: list[int]) -> tuple[list[Bucket], float]:
+    """The main model's greedy continuations (`new_tokens` each) of prompts cut from the training text, one bucket
+    per prompt length of `lengths` (its micro-batch holds about as many tokens as --batch-size blocks of --seq-len);
+    returns them and the seconds the generation took. EOS does not stop a continuation: every sequence is prompt +
+    `new_tokens` tokens."""
     total = generated_sequences(args)
     stream = store.tokens["train"]
     generator = torch.Generator().manual_seed(args.seed + 1)
@@ -525,8 +525,9 @@ def run(args) -> dict:
     if not (args.load_in_8bit or args.load_in_4bit):
         model.to(device)
     trainable = freeze_main_model(model)
-    if args.mtp_data == "generated":
-        warn_past_positions(model.config, *generation_plan(args, depth))
+    plan = generation_plan(args, depth) if args.mtp_data == "generated" else None  # (tokens, prompt lengths)
+    if plan is not None:
+        warn_past_positions(model.config, *plan)
 
     store, train_blocks, eval_blocks = token_blocks(args, tokenizer)
     prompt_len = min(64, args.seq_len // 2)
@@ -539,10 +540,10 @@ def run(args) -> dict:
         flush=True,
     )
     generation_seconds = None
-    if args.mtp_data == "generated":
-        buckets, generation_seconds = generated_buckets(model, store, args, device)
+    if plan is not None:
+        buckets, generation_seconds = generated_buckets(model, store, args, device, *plan)
         print(
-            f"generated {sum(len(b) for b in buckets)} greedy continuations of {generation_plan(args)[0]} tokens "
+            f"generated {sum(len(b) for b in buckets)} greedy continuations of {plan[0]} tokens "
             f"(prompt lengths {', '.join(str(b.prompt_len) for b in buckets)}) in {generation_seconds:.0f} s",
             flush=True,
         )
@@ -580,13 +581,13 @@ def run(args) -> dict:
         "seconds": seconds,
         "mtp_data": args.mtp_data,
         "generated": None
-        if generation_seconds is None
+        if plan is None
         else {
             "sequences": sum(len(b) for b in buckets),
-            "new_tokens": generation_plan(args)[0],
+            "new_tokens": plan[0],
             "prompt_lengths": [b.prompt_len for b in buckets],
             "seconds": generation_seconds,
-        },  # fmt: skip
+        },
         "train_blocks": len(train_blocks),
         "eval_blocks": len(eval_blocks),
         "before": before,
