@@ -135,9 +135,12 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def apply_attention_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def apply_attention_mask(
+    scores: torch.Tensor, attention_mask: torch.Tensor | None, inplace: bool = False
+) -> torch.Tensor:
     """Applies a 4-D boolean (True = attend) or additive mask, or a 2-D padding mask (flash attention's format, 1 =
-    real token) combined with the causal mask, or the causal mask alone when none is given."""
+    real token) combined with the causal mask, or the causal mask alone when none is given; into `scores` itself
+    with `inplace`."""
     if attention_mask is None or attention_mask.dim() == 2:
         q_len, kv_len = scores.shape[-2:]
         allowed = None if attention_mask is None else attention_mask[:, None, None, :].bool()
@@ -148,7 +151,10 @@ def apply_attention_mask(scores: torch.Tensor, attention_mask: torch.Tensor | No
             return scores
         attention_mask = allowed
     if attention_mask.dtype == torch.bool:
-        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        fill = scores.masked_fill_ if inplace else scores.masked_fill
+        return fill(~attention_mask, torch.finfo(scores.dtype).min)
+    if inplace:
+        return scores.add_(attention_mask[..., : scores.shape[-1]])
     return scores + attention_mask[..., : scores.shape[-1]]
 
 
@@ -281,9 +287,11 @@ class MoeMtpAttention(nn.Module):
             q_latent.view(num_heads, batch_size, q_len, -1).transpose(0, 1).reshape(batch_size, num_heads * q_len, -1)
         )
         latent, k_rope = latent.squeeze(1), k_rope.squeeze(1)  # (batch, kv, dim)
-        scores = torch.bmm(q_latent, latent.transpose(1, 2))
-        scores = scores.baddbmm_(q_rope.reshape(batch_size, num_heads * q_len, -1), k_rope.transpose(1, 2))
-        scores = apply_attention_mask(scores.view(batch_size, num_heads, q_len, -1) * self.scaling, attention_mask)
+        # The softmax scale goes on the queries, a pass over (heads x q) rows instead of (heads x q) x kv scores.
+        scores = torch.bmm(q_latent * self.scaling, latent.transpose(1, 2))
+        q_rope = q_rope.reshape(batch_size, num_heads * q_len, -1) * self.scaling
+        scores = scores.baddbmm_(q_rope, k_rope.transpose(1, 2)).view(batch_size, num_heads, q_len, -1)
+        scores = apply_attention_mask(scores, attention_mask, inplace=True)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
         context = torch.bmm(probs.view(batch_size, num_heads * q_len, -1), latent)  # (batch, heads * q, kv_lora_rank)
         context = (

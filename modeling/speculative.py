@@ -19,7 +19,8 @@ are appended as speculative slots and cropped at the next step.
 
 Drafts per step. `num_mtp_draft_tokens="adaptive"` picks the count step by step (`AdaptiveDraftCount`): the best
 count depends on the batch, the context and the hardware (one draft per step can beat three at batch 4 and lose to
-them at batch 1), and any count gives the same tokens.
+them at batch 1), and any count gives the same tokens. What it measured carries over to the model's next call at the
+same batch size and about the same prompt length (`draft_memory`).
 """
 
 from __future__ import annotations
@@ -74,11 +75,6 @@ class MtpDecodingStats:
     def tokens_per_step(self) -> float:
         """Tokens produced per verification forward (1 + accepted drafts, on average)."""
         return (self.accepted + self.steps_rows) / max(self.steps_rows, 1)
-
-    def expected_tokens_per_step(self, drafts: int) -> float:
-        """Tokens a row would produce per step with `drafts` drafts, from the acceptance seen so far: 1 plus, for
-        each position, the share of drafts there that were accepted with every earlier one."""
-        return 1.0 + sum(self.acceptance_per_position[:drafts])
 
 
 @dataclass
@@ -170,7 +166,8 @@ class _SpeculativeDecoder:
         self.stats = MtpDecodingStats(
             drafted_per_position=[0] * self.max_drafts, accepted_per_position=[0] * self.max_drafts
         )
-        self.draft_count = AdaptiveDraftCount(self.max_drafts, self.stats) if adaptive else None
+        self.adaptive = adaptive
+        self.draft_count = None  # the chooser of `adaptive`, made in `run` once the batch and prompt are known
         # Fast paths for what `generate` adds by default. Per step, a plain step calls the processors and criteria
         # once; called position by position here they cost a fifth of a small model's step (measured), so the
         # length-only processors and the max-length / EOS criteria are applied to every position at once. Anything
@@ -217,11 +214,14 @@ class _SpeculativeDecoder:
         inner = self.model.model
         embeds = inner.embed_tokens(tokens)
         q_len, kv_len = tokens.shape[1], mask.shape[1]
-        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
-        allowed = causal & mask[:, None, None, :].bool()
-        # Every query also sees itself, so a query in a masked slot (whose output is never used) stays finite.
-        queries = torch.arange(q_len, device=mask.device)
-        allowed[:, :, queries, kv_len - q_len + queries] = True
+        if q_len == 1 and bool(mask.all()):
+            allowed = None  # one query that may see every slot: nothing to mask
+        else:
+            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
+            allowed = causal & mask[:, None, None, :].bool()
+            # Every query also sees itself, so a query in a masked slot (whose output is never used) stays finite.
+            queries = torch.arange(q_len, device=mask.device)
+            allowed[:, :, queries, kv_len - q_len + queries] = True
         return inner.mtp_layers[module](
             hidden,
             embeds,
@@ -303,6 +303,9 @@ class _SpeculativeDecoder:
         # the whole prefill before it, as with plain generate.
         self.stream()
 
+        if self.adaptive:
+            memory = draft_memory(self.model, self.max_drafts, batch_size, prompt_len, device)
+            self.draft_count = AdaptiveDraftCount(self.max_drafts, self.stats, memory)
         while not self.done():
             if self.draft_count is not None:
                 self.num_drafts = self.draft_count.choose()
@@ -311,6 +314,8 @@ class _SpeculativeDecoder:
             self.verify(drafts, draft_probs)
             if self.draft_count is not None:
                 self.draft_count.observe(self.num_drafts, time.perf_counter() - start)
+        if self.draft_count is not None:
+            self.draft_count.remember()
         self.stream(final=True)
         return self.sequences()
 
@@ -500,26 +505,69 @@ class _SpeculativeDecoder:
         return self.ids[:, : self.sequences_length()]
 
 
+def draft_memory(model, max_drafts: int, batch_size: int, prompt_len: int, device) -> dict:
+    """What `adaptive` drafting learned in this model's earlier generate calls at this batch size, on this device,
+    from prompts of about this length (the same power of two): step timings and acceptance. A later call starts from
+    them instead of exploring every count again, which costs a short call up to a tenth of its speed."""
+    memory = model.__dict__.setdefault("_mtp_draft_memory", {})
+    return memory.setdefault((max_drafts, batch_size, prompt_len.bit_length(), str(device)), {})
+
+
 class AdaptiveDraftCount:
     """Chooses each step's draft count (1 to `max_drafts`) for the most tokens per second: the expected tokens per
-    row and step come from the call's acceptance so far (`MtpDecodingStats.expected_tokens_per_step`), the seconds
-    per step from the fastest of the count's last few timed steps: a busy machine only ever slows a step, so the
-    fastest is nearest the count's own cost (against the median, faster in 3 of 4 benchmark cases: docs/benchmarks.md).
+    row and step come from the acceptance seen so far, the seconds per step from the fastest of the count's last few
+    timed steps: a busy machine only ever slows a step, so the fastest is nearest the count's own cost (against the
+    median, faster in 3 of 4 benchmark cases: docs/benchmarks.md).
 
     Every count runs twice first, the most drafts first so that every position's acceptance is seen; after that the
     best count runs, and every `probe_every` steps a neighbour of it runs once, which keeps the deeper positions'
     acceptance current and lets a neighbour that got cheaper win back. A count whose fastest step was a fluke looks
-    best, runs, and loses the fluke from its window within `window` steps."""
+    best, runs, and loses the fluke from its window within `window` steps.
 
-    def __init__(self, max_drafts: int, stats: MtpDecodingStats, probe_every: int = 6, window: int = 10):
+    `memory` (`draft_memory`) carries the timings and the acceptance over to the model's next call in the same
+    setting, which then skips the exploration; its acceptance weighs at most `remembered_drafts` drafts per position
+    against the new call's, so a change of text shows within a call."""
+
+    def __init__(
+        self,
+        max_drafts: int,
+        stats: MtpDecodingStats,
+        memory: dict | None = None,
+        probe_every: int = 6,
+        window: int = 10,
+        remembered_drafts: int = 256,
+        trend_drafts: int = 8,
+    ):
         self.stats, self.probe_every, self.window = stats, probe_every, window
-        self.schedule = list(range(max_drafts, 0, -1)) * 2  # the exploration steps still to run
-        self.seconds: dict[int, list[float]] = {}
+        memory = {} if memory is None else memory
+        self.seconds: dict[int, list[float]] = memory.setdefault("seconds", {})
+        self.prior = memory.setdefault("acceptance", {"accepted": [0.0] * max_drafts, "drafted": [0.0] * max_drafts})
+        self.remembered_drafts, self.trend_drafts = remembered_drafts, trend_drafts
+        timed = all(len(self.seconds.get(drafts, ())) >= 2 for drafts in range(1, max_drafts + 1))
+        self.schedule = [] if timed else list(range(max_drafts, 0, -1)) * 2  # the exploration steps still to run
         self.since_probe = 0
         self.probe_up = True
 
+    def expected_tokens_per_step(self, drafts: int) -> float:
+        """1 plus, for each position, the share of drafts there accepted with every earlier one (this call's counts
+        added to the remembered ones). Deep positions are drafted in few steps, the ones that ran the most drafts, so
+        from position 2 on the share starts from the earlier positions' trend (the previous position's acceptance,
+        given the one before it, kept), worth `trend_drafts` drafts, and moves to what is seen."""
+        remembered_accepted, remembered_drafted = self.prior["accepted"], self.prior["drafted"]
+        stats = self.stats
+        total, previous, before = 1.0, 1.0, 1.0  # the shares at positions i - 1 and i - 2
+        for i in range(drafts):
+            accepted = remembered_accepted[i] + stats.accepted_per_position[i]
+            drafted = remembered_drafted[i] + stats.drafted_per_position[i]
+            weight = self.trend_drafts if i > 0 else 0
+            trend = previous * previous / before if before > 0 else 0.0
+            share = (accepted + weight * trend) / max(drafted + weight, 1)
+            total += share
+            before, previous = previous, share
+        return total
+
     def rate(self, drafts: int) -> float:
-        return self.stats.expected_tokens_per_step(drafts) / min(self.seconds[drafts])
+        return self.expected_tokens_per_step(drafts) / min(self.seconds[drafts])
 
     def best(self) -> int:
         return max(self.seconds, key=self.rate)
@@ -538,6 +586,14 @@ class AdaptiveDraftCount:
 
     def observe(self, drafts: int, seconds: float):
         self.seconds[drafts] = [*self.seconds.get(drafts, []), seconds][-self.window :]
+
+    def remember(self):
+        """Adds this call's acceptance to the memory, scaled down to `remembered_drafts` drafts at position 0."""
+        accepted = [a + b for a, b in zip(self.prior["accepted"], self.stats.accepted_per_position, strict=True)]
+        drafted = [a + b for a, b in zip(self.prior["drafted"], self.stats.drafted_per_position, strict=True)]
+        scale = min(1.0, self.remembered_drafts / max(drafted[0], 1))
+        self.prior["accepted"] = [a * scale for a in accepted]
+        self.prior["drafted"] = [d * scale for d in drafted]
 
 
 def speculative_sampling(drafts, draft_probs, target_probs) -> tuple[torch.Tensor, torch.Tensor]:

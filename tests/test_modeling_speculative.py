@@ -124,11 +124,11 @@ def test_greedy_exact_with_adaptive_draft_counts(batch_size):
     assert set(used) == {1, 2, 3}  # every count is tried before one is preferred
 
 
-def simulate_adaptive(acceptance: list[float], seconds, steps: int = 60) -> dict[int, int]:
+def simulate_adaptive(acceptance: list[float], seconds, steps: int = 60, memory=None) -> dict[int, int]:
     """Runs AdaptiveDraftCount against a synthetic decoder: position i's draft is accepted (with every earlier one)
     in a fraction acceptance[i] of row-steps, and a step with d drafts takes seconds(d). Returns steps per count."""
     stats = speculative.MtpDecodingStats(drafted_per_position=[0] * 3, accepted_per_position=[0] * 3)
-    chooser = speculative.AdaptiveDraftCount(3, stats)
+    chooser = speculative.AdaptiveDraftCount(3, stats, memory)
     used = {}
     for _ in range(steps):
         drafts = chooser.choose()
@@ -137,6 +137,7 @@ def simulate_adaptive(acceptance: list[float], seconds, steps: int = 60) -> dict
             stats.drafted_per_position[i] += 100
             stats.accepted_per_position[i] += round(100 * acceptance[i])
         chooser.observe(drafts, seconds(drafts))
+    chooser.remember()
     return used
 
 
@@ -166,6 +167,58 @@ def test_adaptive_draft_count_sees_through_a_busy_machine():
         used = simulate_adaptive([0.85, 0.65, 0.5], busy_machine(seed), steps=120)
         shares.append(used.get(3, 0) / 120)
     assert sum(shares) / len(shares) > 0.6, shares
+
+
+def test_adaptive_draft_count_remembers_what_it_measured():
+    """A second call in the same setting starts from the first call's timings and acceptance: no exploration, so
+    the slow count (1) never runs again and the best one (3) runs from the first step."""
+    memory = {}
+    first = simulate_adaptive([0.9, 0.8, 0.7], lambda d: 1.0 + 0.1 * d, steps=30, memory=memory)
+    assert first[1] == 2  # explored twice
+    second = simulate_adaptive([0.9, 0.8, 0.7], lambda d: 1.0 + 0.1 * d, steps=30, memory=memory)
+    assert 1 not in second and second[3] >= 25, second
+    # the remembered acceptance weighs at most 256 drafts at position 0: a new text shows within a call
+    assert memory["acceptance"]["drafted"][0] == 256
+
+
+def test_adaptive_draft_count_estimates_deep_positions_from_the_trend_until_they_are_seen():
+    """The third draft runs only in 3-draft steps, a few per call: 1 acceptance in 4 drafts is mostly chance, so its
+    estimate starts near the earlier positions' trend (0.9, then about 0.73: 0.73 x 0.73 / 0.9, about 0.59) and
+    moves to what is seen."""
+
+    def estimate(accepted_third: int, drafted_third: int) -> float:
+        stats = speculative.MtpDecodingStats(
+            drafted_per_position=[100, 100, drafted_third], accepted_per_position=[90, 72, accepted_third]
+        )
+        chooser = speculative.AdaptiveDraftCount(3, stats)
+        return chooser.expected_tokens_per_step(3) - chooser.expected_tokens_per_step(2)
+
+    assert estimate(0, 0) == pytest.approx(0.587, abs=1e-3)
+    assert 0.45 < estimate(1, 4) < 0.587
+    assert 0.25 <= estimate(100, 400) < 0.27
+
+
+def test_generate_remembers_adaptive_timings_per_batch_size_and_prompt_length(monkeypatch):
+    """generate's adaptive chooser explores on the first call of a setting only; another batch size or prompt length
+    (not within a factor of 2) is a new setting."""
+    model = agreeing_model(num_nextn_predict_layers=1)
+    explored = []
+
+    class Recording(speculative.AdaptiveDraftCount):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            explored.append(len(self.schedule) > 0)
+
+    monkeypatch.setattr(speculative, "AdaptiveDraftCount", Recording)
+    generator = torch.Generator().manual_seed(0)
+    for batch_size, prompt_len in [(1, 12), (1, 10), (2, 12), (1, 40), (1, 12)]:
+        prompt = torch.randint(3, 128, (batch_size, prompt_len), generator=generator)
+        with torch.no_grad():
+            plain = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+            mtp = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0, use_mtp=True,
+                                 num_mtp_draft_tokens="adaptive")  # fmt: skip
+        assert torch.equal(plain, mtp)
+    assert explored == [True, False, True, True, False]
 
 
 @pytest.mark.parametrize("mode", ["absorbed", "expanded"])
