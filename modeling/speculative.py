@@ -536,7 +536,7 @@ class AdaptiveDraftCount:
         probe_every: int = 6,
         window: int = 10,
         remembered_drafts: int = 256,
-        trend_drafts: int = 8,
+        trend_drafts: int = 32,
     ):
         self.stats, self.probe_every, self.window = stats, probe_every, window
         memory = {} if memory is None else memory
