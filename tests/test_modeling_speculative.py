@@ -199,8 +199,8 @@ def test_adaptive_draft_count_estimates_deep_positions_from_the_trend_until_they
 
 
 def test_generate_remembers_adaptive_timings_per_batch_size_and_prompt_length(monkeypatch):
-    """generate's adaptive chooser explores on the first call of a setting only; another batch size or prompt length
-    (not within a factor of 2) is a new setting."""
+    """generate's adaptive chooser explores on the first call of a setting only; another batch size, prompt length
+    (not within a factor of 2) or sampling instead of greedy is a new setting."""
     model = agreeing_model(num_nextn_predict_layers=1)
     explored = []
 
@@ -218,7 +218,10 @@ def test_generate_remembers_adaptive_timings_per_batch_size_and_prompt_length(mo
             mtp = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0, use_mtp=True,
                                  num_mtp_draft_tokens="adaptive")  # fmt: skip
         assert torch.equal(plain, mtp)
-    assert explored == [True, False, True, True, False]
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=16, do_sample=True, pad_token_id=0, use_mtp=True,
+                       num_mtp_draft_tokens="adaptive")  # fmt: skip
+    assert explored == [True, False, True, True, False, True]
 
 
 @pytest.mark.parametrize("mode", ["absorbed", "expanded"])
