@@ -513,19 +513,17 @@ def run(args) -> dict:
     OUT/mtp_align.json, and returns the summary."""
     from transformers import AutoTokenizer
 
-    check_args(args)
+    saved, depth, plan = check_args(args)
     output_dir = prepare_output(args)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    saved, depth = mtp_depths(args)
     model = load_model(args, depth)
     if depth > saved:
         init_new_modules(model, args.model, saved, args.mtp_init)
     if not (args.load_in_8bit or args.load_in_4bit):
         model.to(device)
     trainable = freeze_main_model(model)
-    plan = generation_plan(args, depth) if args.mtp_data == "generated" else None  # (tokens, prompt lengths)
     if plan is not None:
         warn_past_positions(model.config, *plan)
 
@@ -601,21 +599,23 @@ def run(args) -> dict:
     return summary
 
 
-def check_args(args) -> None:
-    """Refuses what a re-alignment cannot do, before any loading."""
+def check_args(args) -> tuple[int, int, tuple[int, list[int]] | None]:
+    """Refuses what a re-alignment cannot do, before any loading. Returns (MTP modules --model has, MTP modules the
+    output gets, the generation plan of --mtp-data generated: tokens per prompt and prompt lengths, or None)."""
     if not args.model:
         raise SystemExit("--mtp-only/--add-mtp need --model DIR: the finished model whose MTP modules to train")
     if args.resume:
         raise SystemExit("--mtp-only runs are short and write no checkpoints: drop --resume")
     fixed_drafts(args)
+    saved, depth = mtp_depths(args)
     if args.mtp_data == "generated":
-        generation_plan(args, depth=mtp_depths(args)[1])
-    else:
-        given = [flag for flag, value in (("--generate-tokens", args.generate_tokens),
-                 ("--generate-prompt-lengths", args.generate_prompt_lengths),
-                 ("--generated-sequences", args.generated_sequences)) if value is not None]  # fmt: skip
-        if given:
-            raise SystemExit(f"{', '.join(given)}: only with --mtp-data generated, not --mtp-data text")
+        return saved, depth, generation_plan(args, depth)
+    given = [flag for flag, value in (("--generate-tokens", args.generate_tokens),
+             ("--generate-prompt-lengths", args.generate_prompt_lengths),
+             ("--generated-sequences", args.generated_sequences)) if value is not None]  # fmt: skip
+    if given:
+        raise SystemExit(f"{', '.join(given)}: only with --mtp-data generated, not --mtp-data text")
+    return saved, depth, None
 
 
 def mtp_depths(args) -> tuple[int, int]:
