@@ -555,15 +555,12 @@ class AdaptiveDraftCount:
         added to the remembered ones). Deep positions are drafted in few steps, the ones that ran the most drafts, so
         from position 2 on the share starts from the earlier positions' trend (the previous position's acceptance,
         given the one before it, kept), worth `trend_drafts` drafts, and moves to what is seen."""
-        remembered_accepted, remembered_drafted = self.prior["accepted"], self.prior["drafted"]
-        stats = self.stats
+        accepted, drafted = self.counts()
         total, previous, before = 1.0, 1.0, 1.0  # the shares at positions i - 1 and i - 2
         for i in range(drafts):
-            accepted = remembered_accepted[i] + stats.accepted_per_position[i]
-            drafted = remembered_drafted[i] + stats.drafted_per_position[i]
             weight = self.trend_drafts if i > 0 else 0
             trend = previous * previous / before if before > 0 else 0.0
-            share = (accepted + weight * trend) / max(drafted + weight, 1)
+            share = (accepted[i] + weight * trend) / max(drafted[i] + weight, 1)
             total += share
             before, previous = previous, share
         return total
@@ -589,10 +586,16 @@ class AdaptiveDraftCount:
     def observe(self, drafts: int, seconds: float):
         self.seconds[drafts] = [*self.seconds.get(drafts, []), seconds][-self.window :]
 
+    def counts(self) -> tuple[list[float], list[float]]:
+        """Accepted and drafted per position: the remembered counts plus this call's."""
+        stats = self.stats
+        accepted = [a + b for a, b in zip(self.prior["accepted"], stats.accepted_per_position, strict=True)]
+        drafted = [a + b for a, b in zip(self.prior["drafted"], stats.drafted_per_position, strict=True)]
+        return accepted, drafted
+
     def remember(self):
         """Adds this call's acceptance to the memory, scaled down to `remembered_drafts` drafts at position 0."""
-        accepted = [a + b for a, b in zip(self.prior["accepted"], self.stats.accepted_per_position, strict=True)]
-        drafted = [a + b for a, b in zip(self.prior["drafted"], self.stats.drafted_per_position, strict=True)]
+        accepted, drafted = self.counts()
         scale = min(1.0, self.remembered_drafts / max(drafted[0], 1))
         self.prior["accepted"] = [a * scale for a in accepted]
         self.prior["drafted"] = [d * scale for d in drafted]
