@@ -7,7 +7,7 @@ own predictions (`python -m moe_mtp.train --mtp-only`, --align-steps) along its 
 training-text prompts as long as the benchmark's. Both folders are cached next to --model-dir, so reruns skip the
 work. Prompts come from the held-out last 10% of the text, which neither training nor alignment saw.
 
-    python benchmarks/bench_decode.py            # trains once (400 steps), aligns (300), batch 1 and 4 x 128 and 2048
+    python benchmarks/bench_decode.py            # trains once (400 steps), aligns (900), batch 1 and 4 x 128 and 2048
     python benchmarks/bench_decode.py --quick    # smaller model, 60 steps, prompts 128 and 512: a smoke run
 """
 
@@ -329,7 +329,7 @@ def main():
     parser.add_argument("--retrain", action="store_true", help="train again even if --model-dir holds a model")
     parser.add_argument(
         "--align-steps", type=int, default=None,
-        help="--mtp-only steps that re-align the MTP module (default 300, --quick 40); 0: decode with the MTP module "
+        help="--mtp-only steps that re-align the MTP module (default 900, --quick 40); 0: decode with the MTP module "
         "as trained",
     )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu (the targets' setting) or cuda (benchmarks/gpu.sh)")
@@ -352,7 +352,7 @@ def main():
         train_model(
             model_dir, QUICK_MODEL if quick else MODEL, steps, seq_len=128, batch_size=8, device=args.device,
         )  # fmt: skip
-    align_steps = args.align_steps if args.align_steps is not None else (40 if quick else 300)
+    align_steps = args.align_steps if args.align_steps is not None else (40 if quick else 900)
     decode_dir, alignment = model_dir, None
     if align_steps:
         decode_dir = model_dir.with_name(f"{model_dir.name}_aligned{align_steps}")

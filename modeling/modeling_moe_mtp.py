@@ -140,19 +140,23 @@ def apply_attention_mask(
 ) -> torch.Tensor:
     """Applies a 4-D boolean (True = attend) or additive mask, or a 2-D padding mask (flash attention's format, 1 =
     real token) combined with the causal mask, or the causal mask alone when none is given; into `scores` itself
-    with `inplace`."""
+    with `inplace`. The queries are the last positions of the keys, so the causal mask only ever hides columns of
+    the queries' own block: it is filled there alone."""
+    fill = torch.finfo(scores.dtype).min
     if attention_mask is None or attention_mask.dim() == 2:
         q_len, kv_len = scores.shape[-2:]
-        allowed = None if attention_mask is None else attention_mask[:, None, None, :].bool()
-        if q_len > 1:
-            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
-            allowed = causal if allowed is None else causal & allowed
-        if allowed is None:
+        if attention_mask is None and q_len == 1:
             return scores
-        attention_mask = allowed
+        scores = scores if inplace else scores.clone()
+        if attention_mask is not None:
+            scores.masked_fill_(~attention_mask[:, None, None, :].bool(), fill)
+        if q_len > 1:
+            future = torch.ones(q_len, q_len, dtype=torch.bool, device=scores.device).triu(1)
+            scores[..., kv_len - q_len :].masked_fill_(future, fill)
+        return scores
     if attention_mask.dtype == torch.bool:
-        fill = scores.masked_fill_ if inplace else scores.masked_fill
-        return fill(~attention_mask, torch.finfo(scores.dtype).min)
+        fill_mask = scores.masked_fill_ if inplace else scores.masked_fill
+        return fill_mask(~attention_mask, fill)
     if inplace:
         return scores.add_(attention_mask[..., : scores.shape[-1]])
     return scores + attention_mask[..., : scores.shape[-1]]
@@ -856,13 +860,25 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        q_len = inputs_embeds.shape[1]
+        kv_len = q_len + (cache.get_seq_length() if cache is not None else 0)
+        # A static cache's unfilled slots need the full mask.
+        if (
+            attention_mask is None
+            and (cache is None or isinstance(cache, DynamicCache))
+            and all(
+                layer.self_attn._use_absorbed(q_len, kv_len, kwargs.get("mla_decode"), kwargs) for layer in self.layers
+            )
+        ):
+            causal_mask = None  # latent attention fills the causal mask of short query blocks itself, more cheaply
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+            )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:

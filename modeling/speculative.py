@@ -188,16 +188,16 @@ class _SpeculativeDecoder:
         return [(torch.as_tensor(ids).flatten(), length) for ids, length in bans] or None
 
     def _simple_criteria(self):
-        """(max_length, eos ids) when the criteria are only max-length and EOS ones, else None."""
-        max_length, eos = None, []
+        """(max_length, the set of eos ids) when the criteria are only max-length and EOS ones, else None."""
+        max_length, eos = None, set()
         for criteria in self.stopping_criteria:
             if type(criteria) is MaxLengthCriteria:
                 max_length = criteria.max_length if max_length is None else min(max_length, criteria.max_length)
             elif type(criteria) is EosTokenCriteria:
-                eos.append(torch.as_tensor(criteria.eos_token_id).flatten())
+                eos.update(torch.as_tensor(criteria.eos_token_id).flatten().tolist())
             else:
                 return None
-        return max_length, (torch.cat(eos).unique() if eos else None)
+        return max_length, eos
 
     # --- model calls -------------------------------------------------------------------------------------------
 
@@ -212,23 +212,25 @@ class _SpeculativeDecoder:
     def mtp_forward(self, module: int, hidden, tokens, positions, mask) -> torch.Tensor:
         """Runs MTP module `module` on new slots at the end of its cache; `mask` (batch, all slots) marks real ones."""
         inner = self.model.model
+        layer = inner.mtp_layers[module]
         embeds = inner.embed_tokens(tokens)
         q_len, kv_len = tokens.shape[1], mask.shape[1]
-        if q_len == 1 and bool(mask.all()):
-            allowed = None  # one query that may see every slot: nothing to mask
+        mla_decode = self.forward_kwargs.get("mla_decode")
+        if bool(mask.all()) and (q_len == 1 or layer.self_attn._use_absorbed(q_len, kv_len, mla_decode, {})):
+            allowed = None  # no holes: causal only, which one query or latent attention needs no mask tensor for
         else:
             causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
             allowed = causal & mask[:, None, None, :].bool()
             # Every query also sees itself, so a query in a masked slot (whose output is never used) stays finite.
             queries = torch.arange(q_len, device=mask.device)
             allowed[:, :, queries, kv_len - q_len + queries] = True
-        return inner.mtp_layers[module](
+        return layer(
             hidden,
             embeds,
             attention_mask=allowed,
             position_embeddings=inner.rotary_emb(embeds, positions),
             cache=self.mtp_cache,
-            mla_decode=self.forward_kwargs.get("mla_decode"),
+            mla_decode=mla_decode,
         )
 
     def logits(self, hidden) -> torch.Tensor:
@@ -368,7 +370,7 @@ class _SpeculativeDecoder:
                 speculative_out[module].extend(out.unbind(1))
                 self.speculative_slots[module] += count
                 hidden = out[:, -1]
-            earlier = torch.stack(drafts, dim=1) if drafts else None
+            earlier = torch.stack(drafts, dim=1) if drafts and len(self.logits_processor) else None
             token, prob = self.choose(self.process(self.logits(hidden[:, None]), earlier, offset=i)[:, 0])
             drafts.append(token)
             probs.append(prob)
@@ -397,14 +399,18 @@ class _SpeculativeDecoder:
         else:
             accepted, new_tokens = speculative_sampling(drafts, draft_probs, F.softmax(scores, dim=-1))
 
-        active = ~self.finished.to(device) | ~torch.tensor(self.pad_finished, device=device)
-        self.record(accepted[active], num_drafts)
+        # Rows still generating (without an eos criterion, finished rows keep generating, as in plain generate).
+        accepted_host = accepted.tolist()
+        finished = self.finished.tolist()
+        active = [n for n, done in zip(accepted_host, finished, strict=True) if not (done and self.pad_finished)]
+        self.record(active, num_drafts)
         self.commit(new_tokens, accepted.cpu())
         self.stream()
 
         # Rollback: crop the slots no row accepted; the others' rejected slots become holes.
-        keep = int(accepted[active].max()) + 1 if bool(active.any()) else 1
-        accepted = accepted.clamp(max=keep - 1)  # finished rows' slots are all holes from here on
+        keep = max(active) + 1 if active else 1
+        if keep <= max(accepted_host):
+            accepted = accepted.clamp(max=keep - 1)  # finished rows' slots are all holes from here on
         if keep < num_drafts + 1:
             self.cache.crop(-(num_drafts + 1 - keep))
         valid = steps[:keep] <= accepted[:, None]
@@ -415,15 +421,15 @@ class _SpeculativeDecoder:
         self.pending = new_tokens[rows, accepted]
         self.next_position = self.next_position + accepted + 1
 
-    def record(self, accepted, num_drafts):
+    def record(self, accepted: list[int], num_drafts):
         self.stats.steps += 1
         self.stats.steps_by_drafts[num_drafts] = self.stats.steps_by_drafts.get(num_drafts, 0) + 1
-        self.stats.steps_rows += accepted.numel()
-        self.stats.drafted += accepted.numel() * num_drafts
-        self.stats.accepted += int(accepted.sum())
+        self.stats.steps_rows += len(accepted)
+        self.stats.drafted += len(accepted) * num_drafts
+        self.stats.accepted += sum(accepted)
         for i in range(num_drafts):
-            self.stats.drafted_per_position[i] += accepted.numel()
-            self.stats.accepted_per_position[i] += int((accepted > i).sum())
+            self.stats.drafted_per_position[i] += len(accepted)
+            self.stats.accepted_per_position[i] += sum(count > i for count in accepted)
 
     def commit(self, new_tokens, accepted):
         """Appends row b's first accepted[b] + 1 new tokens (the caller streams them), one position at a time through
@@ -454,33 +460,30 @@ class _SpeculativeDecoder:
 
     def commit_simple(self, new_tokens, accepted):
         """`commit` when the criteria are only max-length and EOS: each row takes its tokens up to and including
-        the first that stops it, all rows at once (the same result as appending them one by one)."""
-        max_length, eos = self.fast_stop
+        the first that stops it (the same result as appending them one by one). The few tokens of a step are
+        walked on the host, where each check costs nanoseconds rather than a tensor op's microseconds."""
+        max_length, eos_ids = self.fast_stop
         capacity = self.ids.shape[1]
-        count = accepted + 1
-        positions = torch.arange(new_tokens.shape[1])
-        lengths_after = self.lengths[:, None] + 1 + positions  # the length once token i is appended
-        stops = torch.zeros_like(lengths_after, dtype=torch.bool)
-        if max_length is not None:
-            stops |= lengths_after >= max_length
-        if eos is not None:
-            stops |= torch.isin(new_tokens.cpu(), eos.cpu())
-        stops &= positions < count[:, None]
-        first_stop = torch.where(stops.any(1), stops.int().argmax(1), new_tokens.shape[1])
-        take = torch.minimum(count, first_stop + 1).clamp(max=capacity - self.lengths)
-        take = torch.where(self.finished, 0, take)  # finished rows take nothing (see `commit`)
-        if not bool((take > 0).any()):
-            return
-        columns = self.lengths[:, None] + positions
-        writes = positions < take[:, None]
-        rows = torch.arange(len(take))[:, None].expand_as(columns)
-        self.ids[rows[writes].to(self.ids.device), columns[writes].to(self.ids.device)] = new_tokens[
-            writes.to(new_tokens.device)
-        ]
-        stopped = (take > 0) & (take == first_stop + 1) & stops.any(1)
-        self.lengths += take
-        self.finish_length[stopped] = self.lengths[stopped]
-        self.finished |= stopped
+        lengths, finished = self.lengths.tolist(), self.finished.tolist()
+        rows, columns, values = [], [], []
+        for row, (tokens, count) in enumerate(zip(new_tokens.tolist(), accepted.tolist(), strict=True)):
+            if finished[row]:  # a finished row takes nothing (see `commit`)
+                continue
+            for token in tokens[: count + 1]:
+                if lengths[row] >= capacity:
+                    break
+                rows.append(row)
+                columns.append(lengths[row])
+                values.append(token)
+                lengths[row] += 1
+                if token in eos_ids or (max_length is not None and lengths[row] >= max_length):
+                    finished[row] = True
+                    self.finish_length[row] = lengths[row]
+                    break
+        if rows:
+            self.ids[torch.tensor(rows), torch.tensor(columns)] = torch.tensor(values, device=self.ids.device)
+            self.lengths = torch.tensor(lengths)
+            self.finished = torch.tensor(finished)
 
     def stream(self, final: bool = False):
         """Streams generated columns once every row has them, one `put` per column, as plain generate does."""

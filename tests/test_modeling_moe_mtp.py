@@ -525,6 +525,35 @@ def test_absorbed_attention_accepts_a_two_dimensional_padding_mask():
             attn._absorbed_attention(q_nope, q_rope, latent, k_rope, padding),
             attn._absorbed_attention(q_nope, q_rope, latent, k_rope, four_d),
         )
+        # No mask: the queries are the keys' last 3 positions, masked causally.
+        torch.testing.assert_close(
+            attn._absorbed_attention(q_nope, q_rope, latent, k_rope, None),
+            attn._absorbed_attention(q_nope, q_rope, latent, k_rope, causal[None, None].expand(2, 1, 3, 7)),
+        )
+
+
+@pytest.mark.parametrize("mla_decode", ["auto", "expanded"])
+def test_multi_token_steps_on_a_cache_match_the_full_forward(monkeypatch, mla_decode):
+    """Speculative verification feeds a few tokens at once onto a cache. Without padding, latent attention masks
+    that block itself and the model builds no mask tensor; the expanded path still gets transformers' mask."""
+    import moe_mtp.modeling.modeling_moe_mtp as modeling
+
+    model = make_model(attn_implementation="sdpa").eval()
+    input_ids = batch(seq_len=14)
+    masks_built = []
+    original = modeling.create_causal_mask
+    monkeypatch.setattr(modeling, "create_causal_mask", lambda **kw: masks_built.append(1) or original(**kw))
+    with torch.no_grad():
+        full = model(input_ids).logits
+        step = model(input_ids[:, :5], use_cache=True)
+        logits, cache = [step.logits], step.cache
+        masks_built.clear()
+        for t in range(5, 14, 3):
+            step = model(input_ids[:, t : t + 3], cache=cache, use_cache=True, mla_decode=mla_decode)
+            logits.append(step.logits)
+            cache = step.cache
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert len(masks_built) == (0 if mla_decode == "auto" else 3)
 
 
 def test_from_pretrained_of_a_release_honours_string_dtype_and_given_config(tmp_path):
