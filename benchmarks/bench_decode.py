@@ -207,18 +207,45 @@ def decode_seconds(model, prompts, new_tokens, **kwargs):
     return max(clock.decode_seconds(), 1e-9), out
 
 
-def decode_rates(runs: dict, prompts, new_tokens, repeats) -> tuple[dict, dict]:
-    """Decode-only tokens/s, batch * (N - 1) / median seconds, of each run {label: (model, generate kwargs)}. Each
-    repeat runs every label once, in turn, so that a machine whose speed drifts slows every row alike. Returns
-    ({label: rate}, {label: (output, the model's last_mtp_stats or None) of the last repeat})."""
+def merged_stats(stats: list):
+    """One `MtpDecodingStats` summing several calls' (None for plain runs)."""
+    from moe_mtp.modeling.speculative import MtpDecodingStats
+
+    if not stats or stats[0] is None:
+        return None
+    total = MtpDecodingStats(drafted_per_position=[0] * max(len(s.drafted_per_position) for s in stats))
+    total.accepted_per_position = list(total.drafted_per_position)
+    for one in stats:
+        total.steps, total.steps_rows = total.steps + one.steps, total.steps_rows + one.steps_rows
+        total.drafted, total.accepted = total.drafted + one.drafted, total.accepted + one.accepted
+        for i, (drafted, accepted) in enumerate(zip(one.drafted_per_position, one.accepted_per_position, strict=True)):
+            total.drafted_per_position[i] += drafted
+            total.accepted_per_position[i] += accepted
+        for drafts, steps in one.steps_by_drafts.items():
+            total.steps_by_drafts[drafts] = total.steps_by_drafts.get(drafts, 0) + steps
+    return total
+
+
+def decode_rates(runs: dict, prompt_batches: list[torch.Tensor], new_tokens, repeats) -> tuple[dict, dict]:
+    """Decode-only tokens/s, rows * (N - 1) / median seconds, of each run {label: (model, generate kwargs)} over all
+    `prompt_batches`, each decoded by its own call. Each repeat runs every label once per batch, in turn, so that
+    a machine whose speed drifts (this VM's does by 10-25% within a minute) slows every row alike. Returns ({label:
+    rate}, {label: (the outputs of the last repeat, one per batch, and their merged last_mtp_stats or None)})."""
     seconds = {label: [] for label in runs}
     last = {}
     for _ in range(repeats):
-        for label, (model, kwargs) in runs.items():
-            elapsed, out = decode_seconds(model, prompts, new_tokens, **kwargs)
-            seconds[label].append(elapsed)
-            last[label] = (out, getattr(model, "last_mtp_stats", None) if kwargs.get("use_mtp") else None)
-    tokens = prompts.shape[0] * (new_tokens - 1)
+        total = dict.fromkeys(runs, 0.0)
+        outputs, stats = {label: [] for label in runs}, {label: [] for label in runs}
+        for prompts in prompt_batches:
+            for label, (model, kwargs) in runs.items():
+                elapsed, out = decode_seconds(model, prompts, new_tokens, **kwargs)
+                total[label] += elapsed
+                outputs[label].append(out)
+                stats[label].append(model.last_mtp_stats if kwargs.get("use_mtp") else None)
+        for label in runs:
+            seconds[label].append(total[label])
+            last[label] = (outputs[label], merged_stats(stats[label]))
+    tokens = sum(prompts.shape[0] for prompts in prompt_batches) * (new_tokens - 1)
     return {label: tokens / statistics.median(values) for label, values in seconds.items()}, last
 
 
@@ -238,23 +265,26 @@ def transformers_models(model_dir: Path, ours: MoeMtpForCausalLM, work: Path):
     return theirs, release
 
 
-def run_transformers_mtp(release: Path, prompts, new_tokens, repeats, prompts_dtype):
+def run_transformers_mtp(release: Path, prompt_batches, new_tokens, repeats, prompts_dtype):
     """transformers' own `generate(use_mtp=True)`; returns (decode tokens/s, None) or (nan, error text)."""
     from transformers import DeepseekV3ForCausalLM
 
     try:
-        model = DeepseekV3ForCausalLM.from_pretrained(release, dtype=prompts_dtype).to(prompts.device).eval()
+        device = prompt_batches[0].device
+        model = DeepseekV3ForCausalLM.from_pretrained(release, dtype=prompts_dtype).to(device).eval()
         model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
-        rates, _ = decode_rates({"mtp": (model, {"use_mtp": True})}, prompts, new_tokens, repeats)
+        rates, _ = decode_rates({"mtp": (model, {"use_mtp": True})}, prompt_batches, new_tokens, repeats)
         return rates["mtp"], None
     except Exception as error:  # reported in the table, not hidden
         return float("nan"), f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
 
-def bench_case(ours, theirs, release, prompts, new_tokens, repeats) -> dict:
-    """All rows for one (batch, prompt length), measured in turn within each repeat, then printed."""
-    batch_size, length = prompts.shape
-    row = {"batch": batch_size, "prompt": length}
+def bench_case(ours, theirs, release, prompt_batches, new_tokens, repeats) -> dict:
+    """All rows for one (batch, prompt length), over every batch of `prompt_batches`, measured in turn within each
+    repeat, then printed."""
+    batch_size, length = prompt_batches[0].shape
+    prompts = prompt_batches[0]
+    row = {"batch": batch_size, "prompt": length, "prompts": sum(len(batch) for batch in prompt_batches)}
 
     def report(label, rate, note=""):
         print(f"{batch_size:>5} {length:>6}  {label:<34}{rate:>9.1f}  {note}", flush=True)
@@ -278,7 +308,7 @@ def bench_case(ours, theirs, release, prompts, new_tokens, repeats) -> dict:
         **{f"mtp {drafts}": (ours, {"use_mtp": True, "num_mtp_draft_tokens": drafts}) for drafts in others},
         "transformers": (theirs, {}),
     }
-    rates, last = decode_rates(runs, prompts, new_tokens, repeats)
+    rates, last = decode_rates(runs, prompt_batches, new_tokens, repeats)
     row.update(rates)
     plain_out = last["absorbed"][0]
     report("ours plain (expanded MLA)", rates["expanded"])
@@ -286,7 +316,7 @@ def bench_case(ours, theirs, release, prompts, new_tokens, repeats) -> dict:
     row["drafts"], row["others"] = saved, others
     for label, drafts in [("mtp", saved)] + [(f"mtp {drafts}", drafts) for drafts in others]:
         out, stats = last[label]
-        identical = torch.equal(plain_out, out)
+        identical = all(torch.equal(a, b) for a, b in zip(plain_out, out, strict=True))
         note = f"first-draft acceptance {stats.acceptance_per_position[0]:.3f}, {stats.tokens_per_step:.2f} tok/step"
         if drafts == "adaptive":
             note += f", steps by draft count {dict(sorted(stats.steps_by_drafts.items()))}"
@@ -303,7 +333,7 @@ def bench_case(ours, theirs, release, prompts, new_tokens, repeats) -> dict:
                 f"{note}, identical: {identical}",
             )
     report("transformers DeepseekV3 plain", rates["transformers"])
-    rate, error = run_transformers_mtp(release, prompts, new_tokens, repeats, ours.dtype)
+    rate, error = run_transformers_mtp(release, prompt_batches, new_tokens, repeats, ours.dtype)
     row["transformers_mtp"] = report("transformers DeepseekV3 use_mtp", rate, error or "")
     return row
 
@@ -325,6 +355,10 @@ def main():
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=None)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--prompt-rows", type=int, default=4,
+        help="held-out prompts per row: a batch size below it runs that many prompts' worth of batches, in turn",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--retrain", action="store_true", help="train again even if --model-dir holds a model")
     parser.add_argument(
@@ -386,7 +420,8 @@ def main():
         print("MTP module as trained (--align-steps 0)")
     print(
         f"greedy, {new_tokens} new tokens, {args.threads} threads, {args.dtype} {args.device}, decode-only tokens/s "
-        f"(timed from the first new token), median of {repeats}\n"
+        f"(timed from the first new token), median of {repeats}, each row over {args.prompt_rows} held-out prompts "
+        "(batch 1: that many calls; batch 4: one)\n"
     )
 
     work = Path(tempfile.mkdtemp(prefix="bench_decode_"))
@@ -399,8 +434,11 @@ def main():
         print("-" * len(header))
         for batch_size in args.batch_sizes:
             for length in prompt_lengths:
-                prompts = heldout_prompts(tokenizer, length, batch_size).to(device)
-                results.append(bench_case(ours, theirs, release, prompts, new_tokens, repeats))
+                # Several prompts per row, each its own call at this batch size: one prompt's 64 tokens are about
+                # 20 speculative steps, whose acceptance moves the ratio by up to 0.2x from one prompt to the next.
+                batches = max(1, args.prompt_rows // batch_size)
+                prompts = heldout_prompts(tokenizer, length, batch_size * batches).to(device)
+                results.append(bench_case(ours, theirs, release, list(prompts.split(batch_size)), new_tokens, repeats))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
