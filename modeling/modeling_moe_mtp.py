@@ -862,10 +862,11 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
 
         q_len = inputs_embeds.shape[1]
         kv_len = q_len + (cache.get_seq_length() if cache is not None else 0)
-        # A static cache's unfilled slots need the full mask.
+        # Only onto a dynamic cache: a static cache's unfilled slots need the full mask, and without a cache packed
+        # position_ids need transformers' block-diagonal one.
         if (
             attention_mask is None
-            and (cache is None or isinstance(cache, DynamicCache))
+            and isinstance(cache, DynamicCache)
             and all(
                 layer.self_attn._use_absorbed(q_len, kv_len, kwargs.get("mla_decode"), kwargs) for layer in self.layers
             )

@@ -532,6 +532,19 @@ def test_absorbed_attention_accepts_a_two_dimensional_padding_mask():
         )
 
 
+@pytest.mark.parametrize("mla_decode", ["absorbed", "expanded"])
+def test_packed_sequences_stay_apart_on_every_attention_path(mla_decode):
+    """Packed position_ids (padding-free batches) need transformers' block-diagonal mask, latent path included."""
+    model = make_model(attn_implementation="eager").eval()
+    first, second = batch(batch_size=1, seq_len=5), batch(batch_size=1, seq_len=4)
+    packed = torch.cat((first, second), dim=1)
+    positions = torch.cat((torch.arange(5), torch.arange(4)))[None]
+    with torch.no_grad():
+        together = model(packed, position_ids=positions, mla_decode=mla_decode, use_cache=False).logits
+        apart = torch.cat([model(ids, mla_decode=mla_decode, use_cache=False).logits for ids in (first, second)], dim=1)
+    torch.testing.assert_close(together, apart, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mla_decode", ["auto", "expanded"])
 def test_multi_token_steps_on_a_cache_match_the_full_forward(monkeypatch, mla_decode):
     """Speculative verification feeds a few tokens at once onto a cache. Without padding, latent attention masks
