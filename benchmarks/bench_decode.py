@@ -213,8 +213,8 @@ def merged_stats(stats: list):
 
     if not stats or stats[0] is None:
         return None
-    total = MtpDecodingStats(drafted_per_position=[0] * max(len(s.drafted_per_position) for s in stats))
-    total.accepted_per_position = list(total.drafted_per_position)
+    width = max(len(one.drafted_per_position) for one in stats)
+    total = MtpDecodingStats(drafted_per_position=[0] * width, accepted_per_position=[0] * width)
     for one in stats:
         total.steps, total.steps_rows = total.steps + one.steps, total.steps_rows + one.steps_rows
         total.drafted, total.accepted = total.drafted + one.drafted, total.accepted + one.accepted
@@ -284,7 +284,7 @@ def bench_case(ours, theirs, release, prompt_batches, new_tokens, repeats) -> di
     repeat, then printed."""
     batch_size, length = prompt_batches[0].shape
     prompts = prompt_batches[0]
-    row = {"batch": batch_size, "prompt": length, "prompts": sum(len(batch) for batch in prompt_batches)}
+    row = {"batch": batch_size, "prompt": length}
 
     def report(label, rate, note=""):
         print(f"{batch_size:>5} {length:>6}  {label:<34}{rate:>9.1f}  {note}", flush=True)

@@ -860,16 +860,12 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        q_len = inputs_embeds.shape[1]
-        kv_len = q_len + (cache.get_seq_length() if cache is not None else 0)
         # Only onto a dynamic cache: a static cache's unfilled slots need the full mask, and without a cache packed
         # position_ids need transformers' block-diagonal one.
         if (
             attention_mask is None
             and isinstance(cache, DynamicCache)
-            and all(
-                layer.self_attn._use_absorbed(q_len, kv_len, kwargs.get("mla_decode"), kwargs) for layer in self.layers
-            )
+            and self._every_layer_absorbs(inputs_embeds, cache, kwargs)
         ):
             causal_mask = None  # latent attention fills the causal mask of short query blocks itself, more cheaply
         else:
@@ -902,6 +898,13 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
         return MoeMtpModelOutputWithPast(
             last_hidden_state=hidden_states, cache=cache, mtp_hidden_states=mtp_hidden_states
         )
+
+    def _every_layer_absorbs(self, inputs_embeds: torch.Tensor, cache: Cache, kwargs: dict) -> bool:
+        """Whether every layer takes the latent path for these queries appended to `cache`."""
+        q_len = inputs_embeds.shape[1]
+        kv_len = q_len + cache.get_seq_length()
+        mla_decode = kwargs.get("mla_decode")
+        return all(layer.self_attn._use_absorbed(q_len, kv_len, mla_decode, kwargs) for layer in self.layers)
 
     def multi_token_prediction(
         self,

@@ -400,17 +400,15 @@ class _SpeculativeDecoder:
             accepted, new_tokens = speculative_sampling(drafts, draft_probs, F.softmax(scores, dim=-1))
 
         # Rows still generating (without an eos criterion, finished rows keep generating, as in plain generate).
-        accepted_host = accepted.tolist()
         finished = self.finished.tolist()
-        active = [n for n, done in zip(accepted_host, finished, strict=True) if not (done and self.pad_finished)]
+        active = [n for n, done in zip(accepted.tolist(), finished, strict=True) if not (done and self.pad_finished)]
         self.record(active, num_drafts)
         self.commit(new_tokens, accepted.cpu())
         self.stream()
 
         # Rollback: crop the slots no row accepted; the others' rejected slots become holes.
         keep = max(active) + 1 if active else 1
-        if keep <= max(accepted_host):
-            accepted = accepted.clamp(max=keep - 1)  # finished rows' slots are all holes from here on
+        accepted = accepted.clamp(max=keep - 1)  # finished rows' slots are all holes from here on
         if keep < num_drafts + 1:
             self.cache.crop(-(num_drafts + 1 - keep))
         valid = steps[:keep] <= accepted[:, None]
