@@ -25,6 +25,8 @@ same batch size and about the same prompt length (`draft_memory`).
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -518,16 +520,17 @@ def draft_memory(model, max_drafts: int, batch_size: int, prompt_len: int, do_sa
 
 class AdaptiveDraftCount:
     """Chooses each step's draft count (1 to `max_drafts`) for the most tokens per second: the expected tokens per
-    row and step come from the acceptance seen so far, the seconds per step from the fastest of the count's last few
-    timed steps: a busy machine only ever slows a step, so the fastest is nearest the count's own cost (against the
-    median, faster in 3 of 4 benchmark cases: docs/benchmarks.md).
+    row and step come from the acceptance seen so far, the relative cost of the counts from steps that ran back to
+    back. A machine whose speed drifts (this VM's, by 10-25% over seconds) slows steps timed far apart by different
+    amounts, so comparing their times compares the machine, not the counts; two neighbouring steps see the same
+    machine. Each switch between neighbouring counts d and d + 1 gives one sample of t(d + 1) / t(d); a count's cost
+    is the product of the median samples of the pairs below it.
 
-    Every count runs twice first, the most drafts first so that every position's acceptance is seen; after that the
-    best count runs, and every `probe_every` steps a neighbour of it runs once, which keeps the deeper positions'
-    acceptance current and lets a neighbour that got cheaper win back. A count whose fastest step was a fluke looks
-    best, runs, and loses the fluke from its window within `window` steps.
+    The exploration runs the counts down and back up (3, 2, 1, 2, 3): two samples of each pair. After that the best
+    count runs, and every `probe_every` steps a neighbour of it runs once, which takes two more samples (into the
+    probe and back out) and keeps the deeper positions' acceptance current, so a neighbour that got cheaper wins back.
 
-    `memory` (`draft_memory`) carries the timings and the acceptance over to the model's next call in the same
+    `memory` (`draft_memory`) carries the samples and the acceptance over to the model's next call in the same
     setting, which then skips the exploration; its acceptance weighs at most `remembered_drafts` drafts per position
     against the new call's, so a change of text shows within a call."""
 
@@ -537,17 +540,20 @@ class AdaptiveDraftCount:
         stats: MtpDecodingStats,
         memory: dict | None = None,
         probe_every: int = 6,
-        window: int = 10,
+        window: int = 24,
         remembered_drafts: int = 256,
         trend_drafts: int = 32,
     ):
-        self.stats, self.probe_every, self.window = stats, probe_every, window
+        self.max_drafts, self.stats, self.probe_every, self.window = max_drafts, stats, probe_every, window
         memory = {} if memory is None else memory
-        self.seconds: dict[int, list[float]] = memory.setdefault("seconds", {})
+        # log(t(d + 1) / t(d)) of back-to-back steps, keyed by d
+        self.log_ratios: dict[int, list[float]] = memory.setdefault("log_ratios", {})
         self.prior = memory.setdefault("acceptance", {"accepted": [0.0] * max_drafts, "drafted": [0.0] * max_drafts})
         self.remembered_drafts, self.trend_drafts = remembered_drafts, trend_drafts
-        timed = all(len(self.seconds.get(drafts, ())) >= 2 for drafts in range(1, max_drafts + 1))
-        self.schedule = [] if timed else list(range(max_drafts, 0, -1)) * 2  # the exploration steps still to run
+        sampled = all(len(self.log_ratios.get(drafts, ())) >= 2 for drafts in range(1, max_drafts))
+        down_and_up = list(range(max_drafts, 0, -1)) + list(range(2, max_drafts + 1))
+        self.schedule = [] if sampled else down_and_up  # the exploration steps still to run
+        self.last: tuple[int, float] | None = None  # the previous step's count and seconds
         self.since_probe = 0
         self.probe_up = True
 
@@ -566,11 +572,16 @@ class AdaptiveDraftCount:
             before, previous = previous, share
         return total
 
+    def relative_cost(self, drafts: int) -> float:
+        """A step's cost with `drafts` drafts, relative to one with 1 draft."""
+        log_cost = sum(statistics.median(self.log_ratios[d]) for d in range(1, drafts))
+        return math.exp(log_cost)
+
     def rate(self, drafts: int) -> float:
-        return self.expected_tokens_per_step(drafts) / min(self.seconds[drafts])
+        return self.expected_tokens_per_step(drafts) / self.relative_cost(drafts)
 
     def best(self) -> int:
-        return max(self.seconds, key=self.rate)
+        return max(range(1, self.max_drafts + 1), key=self.rate)
 
     def choose(self) -> int:
         if self.schedule:
@@ -581,11 +592,18 @@ class AdaptiveDraftCount:
             return best
         self.since_probe = 0
         self.probe_up = not self.probe_up
-        neighbours = [d for d in (best + 1, best - 1) if d in self.seconds]
-        return neighbours[0] if self.probe_up or len(neighbours) == 1 else neighbours[1]
+        neighbours = [d for d in (best + 1, best - 1) if 1 <= d <= self.max_drafts]
+        if len(neighbours) < 2:
+            return neighbours[0] if neighbours else best
+        return neighbours[0] if self.probe_up else neighbours[1]
 
     def observe(self, drafts: int, seconds: float):
-        self.seconds[drafts] = [*self.seconds.get(drafts, []), seconds][-self.window :]
+        if self.last is not None and abs(self.last[0] - drafts) == 1:
+            (low, low_seconds), (_, high_seconds) = sorted([self.last, (drafts, seconds)])
+            ratios = self.log_ratios.setdefault(low, [])
+            ratios.append(math.log(high_seconds / low_seconds))
+            del ratios[: -self.window]
+        self.last = (drafts, max(seconds, 1e-9))
 
     def counts(self) -> tuple[list[float], list[float]]:
         """Accepted and drafted per position: the remembered counts plus this call's."""

@@ -24,7 +24,9 @@ def make_model(**overrides) -> MoeMtpForCausalLM:
     return model
 
 
-def batch(batch_size=2, seq_len=12):
+def batch(batch_size=2, seq_len=90):
+    """2 x 90 tokens: past `dense_pays`' budget at this size (170 tokens, MTP module's 178 included), so forwards
+    without autograd take the grouped GEMMs too."""
     return torch.randint(3, 128, (batch_size, seq_len))
 
 
@@ -103,12 +105,34 @@ def test_decode_sized_steps_take_the_sliced_path_with_the_same_numbers():
         torch.testing.assert_close(sliced, per_expert, atol=1e-5, rtol=0)
         experts(torch.randn(2, 64), torch.tensor([[5, 2], [1, 2]]), torch.rand(2, 2))
         assert experts.last_path == "sliced"  # 4 slots: a verify step of one draft
-        experts(torch.randn(4, 64), torch.tensor([[5, 2], [1, 2], [0, 7], [3, 4]]), torch.rand(4, 2))
-        assert experts.last_path == "sliced"  # 8 slots, one per expert: experts this small take up to 8
-        experts(torch.randn(5, 64), torch.tensor([[5, 2], [1, 2], [0, 7], [3, 4], [6, 1]]), torch.rand(5, 2))
-        assert experts.last_path == "grouped"  # more slots than experts
+        experts(torch.randn(3, 64), torch.tensor([[5, 2], [1, 2], [0, 7]]), torch.rand(3, 2))
+        assert experts.last_path == "sliced"  # 6 slots, fewer than the 8 experts
     experts(tokens, index, weights)  # with autograd: grouped, so every expert weight gets its gradient
     assert experts.last_path == "grouped"
+
+
+def test_steps_that_reach_every_small_expert_take_the_dense_path_with_the_same_numbers():
+    """Without autograd, a step with at least as many slots as experts (a verify step, a small batch's decode) runs
+    every expert of a small layer on every token and weights the chosen ones (`dense_pays`); the outputs equal the
+    per-expert and grouped paths', and a step past the 2^23 multiply-add budget goes back to grouped."""
+    experts = make_model().model.layers[1].mlp.experts  # 8 experts of 64 x 32: 49k weights
+    generator = torch.Generator().manual_seed(0)
+    for num_tokens in (4, 9, 170):
+        tokens = torch.randn(num_tokens, 64, generator=generator)
+        index = torch.rand(num_tokens, EXPERTS, generator=generator).topk(2).indices
+        weights = torch.rand(num_tokens, 2, generator=generator)
+        with torch.no_grad():
+            dense = experts(tokens, index, weights)
+            assert experts.last_path == "dense"
+            per_expert = per_expert_forward(
+                experts, tokens, index, weights, [(experts.gate_up_proj[e], experts.down_proj[e]) for e in range(8)]
+            )
+            grouped = experts.grouped(tokens, index, weights, experts.gate_up_proj, experts.down_proj)
+        torch.testing.assert_close(dense, per_expert, atol=1e-5, rtol=0)
+        torch.testing.assert_close(dense, grouped, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        experts(torch.randn(171, 64), torch.randint(0, EXPERTS, (171, 2)), torch.rand(171, 2))
+    assert experts.last_path == "grouped"  # 171 x 49,152 multiply-adds > 2^23
 
 
 @pytest.mark.parametrize("per_expert", [False, True])

@@ -152,21 +152,31 @@ def test_adaptive_draft_count_follows_the_measured_speed():
     assert used[2] >= 4, used
 
 
-def test_adaptive_draft_count_sees_through_a_busy_machine():
-    """60% of steps slowed 1.3-2.5x at random: a count's cost is its fastest recent step, so the chooser still runs
-    the best count (3: 3.0 tokens for 1.45 s against 2.5 for 1.3 s) most of the time. The median of 5 steps, the
-    rule before, ran it 44% of the time in this simulation; the fastest of 5, 44%; of 10, 74%."""
+def test_adaptive_draft_count_sees_through_a_drifting_machine():
+    """The machine runs in stretches of 5-15 steps at 1.0-1.6x its speed, with 10% jitter per step, as a trace of
+    this VM's speculative steps showed (stretches of 35-41 ms steps among 23-25 ms ones). The chooser compares counts
+    by back-to-back steps, so it still runs the best count (3: 3.0 tokens for 1.45 s against 2.5 for 1.3 s) most of
+    the time; the fastest of each count's last 10 steps, the rule before, ran it 56% of the time in this simulation,
+    its best possible share 80% (every 6th step probes a neighbour)."""
     import random
 
-    def busy_machine(seed):
+    def drifting_machine(seed):
         rng = random.Random(seed)
-        return lambda d: (1.0 + 0.15 * d) * (rng.uniform(1.3, 2.5) if rng.random() < 0.6 else 1.0)
+        stretch = {"left": 0, "slowdown": 1.0}
+
+        def seconds(drafts):
+            if stretch["left"] == 0:
+                stretch["left"], stretch["slowdown"] = rng.randint(5, 15), rng.uniform(1.0, 1.6)
+            stretch["left"] -= 1
+            return (1.0 + 0.15 * drafts) * stretch["slowdown"] * rng.uniform(0.9, 1.1)
+
+        return seconds
 
     shares = []
     for seed in range(10):
-        used = simulate_adaptive([0.85, 0.65, 0.5], busy_machine(seed), steps=120)
+        used = simulate_adaptive([0.85, 0.65, 0.5], drifting_machine(seed), steps=120)
         shares.append(used.get(3, 0) / 120)
-    assert sum(shares) / len(shares) > 0.6, shares
+    assert sum(shares) / len(shares) > 0.7, shares
 
 
 def test_adaptive_draft_count_remembers_what_it_measured():
@@ -174,7 +184,7 @@ def test_adaptive_draft_count_remembers_what_it_measured():
     the slow count (1) never runs again and the best one (3) runs from the first step."""
     memory = {}
     first = simulate_adaptive([0.9, 0.8, 0.7], lambda d: 1.0 + 0.1 * d, steps=30, memory=memory)
-    assert first[1] == 2  # explored twice
+    assert first[1] == 1  # explored on the way down and back up (3, 2, 1, 2, 3)
     second = simulate_adaptive([0.9, 0.8, 0.7], lambda d: 1.0 + 0.1 * d, steps=30, memory=memory)
     assert 1 not in second and second[3] >= 25, second
     # the remembered acceptance weighs at most 256 drafts at position 0: a new text shows within a call
