@@ -226,11 +226,12 @@ def merged_stats(stats: list):
     return total
 
 
-def decode_rates(runs: dict, prompt_batches: list[torch.Tensor], new_tokens, repeats) -> tuple[dict, dict]:
+def decode_rates(runs: dict, prompt_batches: list[torch.Tensor], new_tokens, repeats) -> tuple[dict, dict, dict]:
     """Decode-only tokens/s, rows * (N - 1) / median seconds, of each run {label: (model, generate kwargs)} over all
     `prompt_batches`, each decoded by its own call. Each repeat runs every label once per batch, in turn, so that
     a machine whose speed drifts (this VM's does by 10-25% within a minute) slows every row alike. Returns ({label:
-    rate}, {label: (the outputs of the last repeat, one per batch, and their merged last_mtp_stats or None)})."""
+    rate}, {label: (the outputs of the last repeat, one per batch, and their merged last_mtp_stats or None)},
+    {label: each repeat's seconds}, from which `paired_ratio` compares two labels repeat by repeat)."""
     seconds = {label: [] for label in runs}
     last = {}
     for _ in range(repeats):
@@ -246,7 +247,14 @@ def decode_rates(runs: dict, prompt_batches: list[torch.Tensor], new_tokens, rep
             seconds[label].append(total[label])
             last[label] = (outputs[label], merged_stats(stats[label]))
     tokens = sum(prompts.shape[0] for prompts in prompt_batches) * (new_tokens - 1)
-    return {label: tokens / statistics.median(values) for label, values in seconds.items()}, last
+    return {label: tokens / statistics.median(values) for label, values in seconds.items()}, last, seconds
+
+
+def paired_ratio(seconds: dict, label: str, baseline: str) -> float:
+    """How many times faster `label` decoded than `baseline`: the median over repeats of each repeat's ratio. The two
+    ran prompt by prompt in turn within a repeat, so a drift of the machine's speed between repeats cancels, where a
+    ratio of the two medians would keep it."""
+    return statistics.median(base / own for base, own in zip(seconds[baseline], seconds[label], strict=True))
 
 
 def transformers_models(model_dir: Path, ours: MoeMtpForCausalLM, work: Path):
@@ -273,7 +281,7 @@ def run_transformers_mtp(release: Path, prompt_batches, new_tokens, repeats, pro
         device = prompt_batches[0].device
         model = DeepseekV3ForCausalLM.from_pretrained(release, dtype=prompts_dtype).to(device).eval()
         model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
-        rates, _ = decode_rates({"mtp": (model, {"use_mtp": True})}, prompt_batches, new_tokens, repeats)
+        rates, _, _ = decode_rates({"mtp": (model, {"use_mtp": True})}, prompt_batches, new_tokens, repeats)
         return rates["mtp"], None
     except Exception as error:  # reported in the table, not hidden
         return float("nan"), f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
@@ -308,8 +316,9 @@ def bench_case(ours, theirs, release, prompt_batches, new_tokens, repeats) -> di
         **{f"mtp {drafts}": (ours, {"use_mtp": True, "num_mtp_draft_tokens": drafts}) for drafts in others},
         "transformers": (theirs, {}),
     }
-    rates, last = decode_rates(runs, prompt_batches, new_tokens, repeats)
+    rates, last, seconds = decode_rates(runs, prompt_batches, new_tokens, repeats)
     row.update(rates)
+    row["paired"] = {label: paired_ratio(seconds, label, "absorbed") for label in runs if label.startswith("mtp")}
     plain_out = last["absorbed"][0]
     report("ours plain (expanded MLA)", rates["expanded"])
     report("ours plain (absorbed MLA)", rates["absorbed"])
@@ -442,15 +451,14 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print("\nratios (target)")
+    print("\nratios (target); ours+MTP / ours plain: the median of the repeats' own ratios (paired_ratio)")
     for row in results:
         where = f"batch {row['batch']}, prompt {row['prompt']}"
         ratios = [
             ("absorbed / expanded", row["absorbed"] / row["expanded"], TARGETS["absorbed_vs_expanded_2048"]
              if row["prompt"] >= 2048 and row["batch"] == 1 else None),
-            (f"ours+MTP ({row['drafts']} drafts) / ours plain (absorbed)", row["mtp"] / row["absorbed"],
-             mtp_target(row)),
-            *[(f"ours+MTP, {drafts} draft{'' if drafts == 1 else 's'} / ours plain", row[f"mtp {drafts}"] / row["absorbed"], None)
+            (f"ours+MTP ({row['drafts']} drafts) / ours plain (absorbed)", row["paired"]["mtp"], mtp_target(row)),
+            *[(f"ours+MTP, {drafts} draft{'' if drafts == 1 else 's'} / ours plain", row["paired"][f"mtp {drafts}"], None)
               for drafts in row["others"]],
             ("ours+MTP / transformers plain", row["mtp"] / row["transformers"], TARGETS["mtp_vs_transformers"] if row["batch"] == 1 else None),
             ("first-draft acceptance", row["acceptance"], TARGETS["acceptance"] if row["batch"] == 1 else None),

@@ -188,7 +188,7 @@ def decode_rows(model_dir: Path, ids: torch.Tensor, args) -> dict:
     for start in tqdm(starts, desc="decoding held-out prompts", unit="prompt"):
         prompt = ids[start : start + args.prompt_len][None]
         runs = {"plain": (model, {}), "mtp": (model, {"use_mtp": True})}
-        rates, last = bench_decode.decode_rates(runs, [prompt], args.new_tokens, args.repeats)
+        rates, last, _ = bench_decode.decode_rates(runs, [prompt], args.new_tokens, args.repeats)
         plain_seconds += (args.new_tokens - 1) / rates["plain"]
         mtp_seconds += (args.new_tokens - 1) / rates["mtp"]
         ([plain], _), ([spec], stats) = last["plain"], last["mtp"]
