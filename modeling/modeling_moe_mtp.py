@@ -570,8 +570,9 @@ class MoeMtpExperts(nn.Module):
     def dense_pays(self, top_k_index: torch.Tensor) -> bool:
         """Whether `dense` is the cheapest CPU path: the step has at least as many slots as there are experts (most
         of them get a token anyway), and running every expert on every token stays under 2^23 multiply-adds.
-        Measured at 8 and 16 experts of 192 x 96, dense beats the slot loop once the slots reach the experts' count,
-        and the grouped GEMMs up to about twice this budget; layers of 16 x 256 x 128 or larger never take it."""
+        Measured at 8 and 16 experts of 192 x 96, top-2: dense beats the slot loop once the slots reach the experts'
+        count, and the grouped GEMMs up to about twice this budget. At top-2, layers of 16 experts of 256 x 128 or
+        larger never take it."""
         num_tokens, top_k = top_k_index.shape
         expert_weights = self.num_experts * 3 * self.hidden_dim * self.intermediate_dim
         return num_tokens * top_k >= self.num_experts and num_tokens * expert_weights <= 1 << 23
@@ -584,8 +585,10 @@ class MoeMtpExperts(nn.Module):
         rows = tokens.to(dtype)
         gate_up_rows = F.linear(rows, gate_up.flatten(0, 1)).view(num_tokens, self.num_experts, -1)
         gate, up = gate_up_rows.chunk(2, dim=-1)
-        gates = rows.new_zeros(num_tokens, self.num_experts).scatter_(1, top_k_index, top_k_weights.to(dtype))
-        intermediate = self.act_fn(gate) * up * gates.unsqueeze(-1)  # (tokens, experts, width)
+        gates = rows.new_zeros(num_tokens, self.num_experts).scatter_add_(1, top_k_index, top_k_weights.to(dtype))
+        gates = gates.unsqueeze(-1)
+        # Experts a token did not choose contribute exactly 0, even where their output overflows (fp16).
+        intermediate = torch.where(gates != 0, self.act_fn(gate) * up * gates, 0.0)  # (tokens, experts, width)
         return torch.bmm(intermediate.transpose(0, 1), down.transpose(1, 2)).sum(0).to(tokens.dtype)
 
     def grouped(self, tokens, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:

@@ -510,7 +510,8 @@ class _SpeculativeDecoder:
 
 def draft_memory(model, max_drafts: int, batch_size: int, prompt_len: int, do_sample: bool) -> dict:
     """What `adaptive` drafting learned in this model's earlier generate calls in the same setting (batch size,
-    prompt length within the same power of two, greedy or sampling, device and dtype): step timings and acceptance.
+    prompt length within the same power of two, greedy or sampling, device and dtype): the time ratios of
+    back-to-back steps and the acceptance.
     A later call starts from them instead of exploring every count again, which takes a quarter of the steps of a
     64-token call."""
     memory = model.__dict__.setdefault("_mtp_draft_memory", {})
@@ -526,9 +527,10 @@ class AdaptiveDraftCount:
     machine. Each switch between neighbouring counts d and d + 1 gives one sample of t(d + 1) / t(d); a count's cost
     is the product of the median samples of the pairs below it.
 
-    The exploration runs the counts down and back up (3, 2, 1, 2, 3): two samples of each pair. After that the best
-    count runs, and every `probe_every` steps a neighbour of it runs once, which takes two more samples (into the
-    probe and back out) and keeps the deeper positions' acceptance current, so a neighbour that got cheaper wins back.
+    The exploration runs the counts from `max_drafts` down to 1 and back up (3, 2, 1, 2, 3): two samples of each pair.
+    After that the best count runs, and every `probe_every` steps a neighbour of it runs once, which takes two more
+    samples (into the probe and back out) and keeps the deeper positions' acceptance current, so a neighbour that got
+    cheaper wins back. Pairs further from the best count keep their last samples until the best count moves nearer.
 
     `memory` (`draft_memory`) carries the samples and the acceptance over to the model's next call in the same
     setting, which then skips the exploration; its acceptance weighs at most `remembered_drafts` drafts per position
@@ -598,12 +600,13 @@ class AdaptiveDraftCount:
         return neighbours[0] if self.probe_up else neighbours[1]
 
     def observe(self, drafts: int, seconds: float):
+        seconds = max(seconds, 1e-9)
         if self.last is not None and abs(self.last[0] - drafts) == 1:
             (low, low_seconds), (_, high_seconds) = sorted([self.last, (drafts, seconds)])
             ratios = self.log_ratios.setdefault(low, [])
             ratios.append(math.log(high_seconds / low_seconds))
             del ratios[: -self.window]
-        self.last = (drafts, max(seconds, 1e-9))
+        self.last = (drafts, seconds)
 
     def counts(self) -> tuple[list[float], list[float]]:
         """Accepted and drafted per position: the remembered counts plus this call's."""

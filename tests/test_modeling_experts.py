@@ -135,6 +135,27 @@ def test_steps_that_reach_every_small_expert_take_the_dense_path_with_the_same_n
     assert experts.last_path == "grouped"  # 171 x 49,152 multiply-adds > 2^23
 
 
+def test_dense_path_in_bf16_and_with_an_overflowing_expert_no_token_chose():
+    """The dense path also runs the experts no token chose: in bf16 it still matches the per-expert path, and an
+    unchosen expert whose output overflows to inf adds exactly 0, as on the paths that never run it."""
+    experts = make_model().model.layers[1].mlp.experts
+    tokens, weights = torch.randn(4, 64), torch.rand(4, 2)
+    index = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 0]])  # expert 7 gets nothing
+    reference = [(experts.gate_up_proj[e], experts.down_proj[e]) for e in range(8)]
+    with torch.no_grad():
+        bf16 = copy.deepcopy(experts).to(torch.bfloat16)
+        got = bf16(tokens.bfloat16(), index, weights)
+        assert bf16.last_path == "dense"
+        want = per_expert_forward(experts, tokens, index, weights, reference)
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+        experts.gate_up_proj[7] = 1e30
+        gate, up = torch.nn.functional.linear(tokens, experts.gate_up_proj[7]).chunk(2, dim=-1)
+        assert not (experts.act_fn(gate) * up).isfinite().all()  # expert 7's own output overflows
+        got = experts(tokens, index, weights)
+        assert experts.last_path == "dense" and got.isfinite().all()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("per_expert", [False, True])
 def test_routes_to_another_ranks_experts_contribute_nothing(per_expert):
     """Expert parallelism keeps a slice of the experts and marks routes to the others with id `num_experts`: those
