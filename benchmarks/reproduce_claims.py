@@ -182,7 +182,7 @@ def decode_rows(model_dir: Path, ids: torch.Tensor, args) -> dict:
     stride = max(args.prompt_len, (len(ids) - args.prompt_len) // max(args.prompts, 1))
     starts = [i * stride for i in range(args.prompts) if i * stride + args.prompt_len <= len(ids)]
     plain_seconds = mtp_seconds = 0.0
-    accepted = drafted = steps = 0
+    stats = []
     identical = True
     bench_decode.generate_seconds(model, ids[: args.prompt_len][None], 2)  # warm-up
     for start in tqdm(starts, desc="decoding held-out prompts", unit="prompt"):
@@ -191,9 +191,11 @@ def decode_rows(model_dir: Path, ids: torch.Tensor, args) -> dict:
         rates, last, _ = bench_decode.decode_rates(runs, [prompt], args.new_tokens, args.repeats)
         plain_seconds += (args.new_tokens - 1) / rates["plain"]
         mtp_seconds += (args.new_tokens - 1) / rates["mtp"]
-        ([plain], _), ([spec], stats) = last["plain"], last["mtp"]
-        accepted, drafted, steps = accepted + stats.accepted, drafted + stats.drafted, steps + stats.steps_rows
+        ([plain], _), ([spec], prompt_stats) = last["plain"], last["mtp"]
+        stats.append(prompt_stats)
         identical &= torch.equal(plain, spec)
+    total = bench_decode.merged_stats(stats)
+    accepted, drafted, steps = total.accepted, total.drafted, total.steps_rows
     tokens = len(starts) * (args.new_tokens - 1)
     return {
         "prompts": len(starts), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,

@@ -89,6 +89,18 @@ def test_grouped_path_matches_per_expert_path_in_outputs_and_every_gradient(kind
         assert grads["experts.down_proj"][expert].abs().max() == 0
 
 
+def reference_outputs(experts, tokens, index, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same routing through one GEMM per expert and through the grouped GEMMs."""
+    per_expert_weights = [(experts.gate_up_proj[e], experts.down_proj[e]) for e in range(experts.num_experts)]
+    per_expert = per_expert_forward(experts, tokens, index, weights, per_expert_weights)
+    return per_expert, experts.grouped(tokens, index, weights, experts.gate_up_proj, experts.down_proj)
+
+
+def assert_same_as_reference_paths(output, experts, tokens, index, weights):
+    for reference in reference_outputs(experts, tokens, index, weights):
+        torch.testing.assert_close(output, reference, atol=1e-5, rtol=0)
+
+
 def test_decode_sized_steps_take_the_sliced_path_with_the_same_numbers():
     """Without autograd and with few slots (decoding, verify steps; `max_sliced_slots`), CPU runs each slot on its
     expert's slices; outputs equal the grouped and per-expert paths'."""
@@ -97,12 +109,7 @@ def test_decode_sized_steps_take_the_sliced_path_with_the_same_numbers():
     with torch.no_grad():
         sliced = experts(tokens, index, weights)
         assert experts.last_path == "sliced"
-        per_expert = per_expert_forward(
-            experts, tokens, index, weights, [(experts.gate_up_proj[e], experts.down_proj[e]) for e in range(8)]
-        )
-        grouped = experts.grouped(tokens, index, weights, experts.gate_up_proj, experts.down_proj)
-        torch.testing.assert_close(sliced, grouped, atol=1e-5, rtol=0)
-        torch.testing.assert_close(sliced, per_expert, atol=1e-5, rtol=0)
+        assert_same_as_reference_paths(sliced, experts, tokens, index, weights)
         experts(torch.randn(2, 64), torch.tensor([[5, 2], [1, 2]]), torch.rand(2, 2))
         assert experts.last_path == "sliced"  # 4 slots: a verify step of one draft
         experts(torch.randn(3, 64), torch.tensor([[5, 2], [1, 2], [0, 7]]), torch.rand(3, 2))
@@ -124,12 +131,7 @@ def test_steps_that_reach_every_small_expert_take_the_dense_path_with_the_same_n
         with torch.no_grad():
             dense = experts(tokens, index, weights)
             assert experts.last_path == "dense"
-            per_expert = per_expert_forward(
-                experts, tokens, index, weights, [(experts.gate_up_proj[e], experts.down_proj[e]) for e in range(8)]
-            )
-            grouped = experts.grouped(tokens, index, weights, experts.gate_up_proj, experts.down_proj)
-        torch.testing.assert_close(dense, per_expert, atol=1e-5, rtol=0)
-        torch.testing.assert_close(dense, grouped, atol=1e-5, rtol=0)
+            assert_same_as_reference_paths(dense, experts, tokens, index, weights)
     with torch.no_grad():
         experts(torch.randn(171, 64), torch.randint(0, EXPERTS, (171, 2)), torch.rand(171, 2))
     assert experts.last_path == "grouped"  # 171 x 49,152 multiply-adds > 2^23
@@ -141,12 +143,11 @@ def test_dense_path_in_bf16_and_with_an_overflowing_expert_no_token_chose():
     experts = make_model().model.layers[1].mlp.experts
     tokens, weights = torch.randn(4, 64), torch.rand(4, 2)
     index = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 0]])  # expert 7 gets nothing
-    reference = [(experts.gate_up_proj[e], experts.down_proj[e]) for e in range(8)]
     with torch.no_grad():
         bf16 = copy.deepcopy(experts).to(torch.bfloat16)
         got = bf16(tokens.bfloat16(), index, weights)
         assert bf16.last_path == "dense"
-        want = per_expert_forward(experts, tokens, index, weights, reference)
+        want, _ = reference_outputs(experts, tokens, index, weights)
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
         experts.gate_up_proj[7] = 1e30
         gate, up = torch.nn.functional.linear(tokens, experts.gate_up_proj[7]).chunk(2, dim=-1)
