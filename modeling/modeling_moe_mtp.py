@@ -217,11 +217,8 @@ class MoeMtpAttention(nn.Module):
         query = query.view(batch_size, q_len, -1, self.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
-        latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
-        latent = self.kv_a_layernorm(latent).unsqueeze(1)  # (batch, 1, seq, kv_lora_rank)
-        cos, sin = position_embeddings
-        q_rope = apply_rotary_interleaved(q_rope, cos, sin)
-        k_rope = apply_rotary_interleaved(k_rope.unsqueeze(1), cos, sin)  # (batch, 1, seq, rope_dim)
+        latent, k_rope = self.latent_and_rope_key(hidden_states, position_embeddings)
+        q_rope = apply_rotary_interleaved(q_rope, *position_embeddings)
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
 
@@ -233,6 +230,16 @@ class MoeMtpAttention(nn.Module):
             )
         attn_output = attn_output.reshape(batch_size, q_len, -1)
         return self.o_proj(attn_output), attn_weights
+
+    def latent_and_rope_key(
+        self, hidden_states: torch.Tensor, position_embeddings
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache holds for these tokens: the normalized latent (batch, 1, seq, kv_lora_rank) and the rotated
+        shared rope key (batch, 1, seq, rope_dim)."""
+        latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        return self.kv_a_layernorm(latent).unsqueeze(1), apply_rotary_interleaved(
+            k_rope.unsqueeze(1), *position_embeddings
+        )
 
     def _use_absorbed(self, q_len: int, kv_len: int, mla_decode: str | None, kwargs: dict) -> bool:
         """`mla_decode` (kwarg, else config): "expanded", "absorbed" (whenever possible) or "auto" (when cheaper)."""
@@ -753,9 +760,20 @@ class MoeMtpMTPLayer(MoeMtpBlock):
         **kwargs,
     ) -> torch.Tensor:
         """`cache` holds this module's own latent cache (layer index `num_hidden_layers + k`), used when drafting."""
-        hidden_states = self.eh_proj(torch.cat((self.enorm(inputs_embeds), self.hnorm(previous_hidden_states)), -1))
+        hidden_states = self.combine(previous_hidden_states, inputs_embeds)
         hidden_states = self.block(hidden_states, attention_mask, position_embeddings, cache, token_mask, **kwargs)
         return self.shared_head.norm(hidden_states)
+
+    def combine(self, previous_hidden_states: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        return self.eh_proj(torch.cat((self.enorm(inputs_embeds), self.hnorm(previous_hidden_states)), -1))
+
+    def extend_cache(self, previous_hidden_states, inputs_embeds, position_embeddings, cache: Cache):
+        """Appends these slots' cache entries without running the block: drafting needs every slot's entry but only
+        the last slot's output."""
+        attention_input = self.input_layernorm(self.combine(previous_hidden_states, inputs_embeds))
+        cache.update(
+            *self.self_attn.latent_and_rope_key(attention_input, position_embeddings), self.self_attn.layer_idx
+        )
 
 
 class MoeMtpPreTrainedModel(PreTrainedModel):

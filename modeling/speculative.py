@@ -235,6 +235,12 @@ class _SpeculativeDecoder:
             mla_decode=mla_decode,
         )
 
+    def mtp_extend(self, module: int, hidden, tokens, positions):
+        """Appends the cache entries of new slots of MTP module `module` without running its block."""
+        inner = self.model.model
+        embeds = inner.embed_tokens(tokens)
+        inner.mtp_layers[module].extend_cache(hidden, embeds, inner.rotary_emb(embeds, positions), self.mtp_cache)
+
     def logits(self, hidden) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
 
@@ -341,8 +347,18 @@ class _SpeculativeDecoder:
                 hidden = torch.cat((previous[:, None], hidden[:, :-1]), dim=1)
             slot_mask = (valid & (positions >= module)).long()
             self.mtp_masks[module] = torch.cat((self.mtp_masks[module], slot_mask), dim=1)
-            hidden = self.mtp_forward(module, hidden, next_tokens, embed_positions, self.mtp_masks[module])
-            self.mtp_last = [*self.mtp_last[:module], hidden[rows, last_slot], *self.mtp_last[module + 1 :]]
+            slots = hidden.shape[1]
+            if module == self.num_modules - 1 and slots > 1 and bool((last_slot == slots - 1).all()):
+                # No later module reads this one's outputs and every row drafts from the last slot: the earlier
+                # slots need only their cache entries (a third of a block's cost), not the block.
+                self.mtp_extend(module, hidden[:, :-1], next_tokens[:, :-1], embed_positions[:, :-1])
+                last = self.mtp_forward(
+                    module, hidden[:, -1:], next_tokens[:, -1:], embed_positions[:, -1:], self.mtp_masks[module]
+                )[:, 0]
+            else:
+                hidden = self.mtp_forward(module, hidden, next_tokens, embed_positions, self.mtp_masks[module])
+                last = hidden[rows, last_slot]
+            self.mtp_last = [*self.mtp_last[:module], last, *self.mtp_last[module + 1 :]]
 
     def draft(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Drafts `num_drafts` tokens per row. Draft 1 comes from depth 1's latest verified slot; draft i > 1 runs
