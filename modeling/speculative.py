@@ -350,7 +350,7 @@ class _SpeculativeDecoder:
             slots = hidden.shape[1]
             if module == self.num_modules - 1 and slots > 1 and bool((last_slot == slots - 1).all()):
                 # No later module reads this one's outputs and every row drafts from the last slot: the earlier
-                # slots need only their cache entries (a third of a block's cost), not the block.
+                # slots need only their cache entries (projections and norms), not the block.
                 self.mtp_extend(module, hidden[:, :-1], next_tokens[:, :-1], embed_positions[:, :-1])
                 last = self.mtp_forward(
                     module, hidden[:, -1:], next_tokens[:, -1:], embed_positions[:, -1:], self.mtp_masks[module]
