@@ -3,7 +3,7 @@ its own `use_mtp`), on the same trained weights, in one process, CPU fp32.
 
 The model is trained here first (8 layers, MTP loss on) on real English: the docstrings of Python's stdlib
 `pydoc_data/topics.py`, with a byte-level BPE from `tokenizers`. Its MTP module is then re-aligned on the model's
-own predictions (`python -m moe_mtp.train --mtp-only`, --align-steps) along its own greedy continuations of
+own predictions (`python -m moe_mtp.train --mtp-only --mtp-train-depth 3`, --align-steps) along its own greedy continuations of
 training-text prompts as long as the benchmark's. Both folders are cached next to --model-dir, so reruns skip the
 work. Prompts come from the held-out last 10% of the text, which neither training nor alignment saw.
 
@@ -38,6 +38,8 @@ DEFAULT_MODEL_DIR = ROOT / "outputs" / "bench_decode_model"
 # The model trained here (moe_mtp.configuration.presets), and its half-width version for --quick.
 MODEL, QUICK_MODEL = "bench-decode", "bench-decode-quick"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The MTP module is distilled at depths 1..3, itself reused past depth 1, as it drafts up to 3 tokens a step.
+ALIGN_DEPTH = 3
 # mtp_vs_plain: 1.6 at a 2048-token prompt and 1.3 at 128 (batch 1); 1.2 at batch 4 (issue 20).
 TARGETS = {"absorbed_vs_expanded_2048": 1.3, "mtp_vs_plain": 1.6, "mtp_vs_plain_short": 1.3, "mtp_vs_plain_batch": 1.2,
            "mtp_vs_transformers": 2.0, "acceptance": 0.8}  # fmt: skip
@@ -147,6 +149,7 @@ def align_model(
             "--output-dir", str(work / "out"), "--max-steps", str(steps), "--seq-len", "128", "--batch-size", "8",
             "--lr", "2e-3", "--warmup-steps", str(max(steps // 20, 1)), "--eval-fraction", "0.05",
             "--mtp-targets", "self_greedy", "--cache-dir", str(work / "cache"), "--acceptance-prompts", "4",
+            "--mtp-train-depth", str(ALIGN_DEPTH),
             # along the model's own continuations of training-text prompts as long as the benchmark's
             "--mtp-data", "generated", "--generate-prompt-lengths", *map(str, prompt_lengths), "--generate-tokens",
             str(new_tokens), "--generated-sequences", str(sequences),
@@ -398,14 +401,15 @@ def main():
     align_steps = args.align_steps if args.align_steps is not None else (40 if quick else 1800)
     decode_dir, alignment = model_dir, None
     if align_steps:
-        decode_dir = model_dir.with_name(f"{model_dir.name}_aligned{align_steps}")
+        decode_dir = model_dir.with_name(f"{model_dir.name}_aligned{align_steps}_depth{ALIGN_DEPTH}")
         summary = decode_dir / "mtp_align.json"
         # Continuations twice as long as the decoded ones (measured: more acceptance than as long); 512 sequences
         # with 1800 steps drafted 6.6% more tokens per step at 2048 than 256 with 900. Folders aligned along the text
         # or otherwise are aligned again.
         generated = {"sequences": 64 if quick else 512, "new_tokens": 2 * new_tokens, "prompt_lengths": prompt_lengths}
         aligned = json.loads(summary.read_text()) if summary.exists() else {}
-        if args.retrain or {k: (aligned.get("generated") or {}).get(k) for k in generated} != generated:
+        stale = {k: (aligned.get("generated") or {}).get(k) for k in generated} != generated
+        if args.retrain or stale or aligned.get("train_depth") != ALIGN_DEPTH:
             align_model(model_dir, decode_dir, align_steps, args.device, **generated)
         alignment = json.loads((decode_dir / "mtp_align.json").read_text())
     from transformers import AutoTokenizer

@@ -889,11 +889,15 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_mtp_hidden_states: bool = False,
+        mtp_depth: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeMtpModelOutputWithPast:
         r"""
         output_mtp_hidden_states (`bool`, *optional*, defaults to `False`):
             Also run the MTP modules over the sequence and return their normalized hidden states.
+        mtp_depth (`int`, *optional*):
+            How many MTP depths to run (default: one per module). Depths past the modules run the last module again
+            on its own output, as `generate(use_mtp=True)` drafts past them.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MoeMtpModel.forward: pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -940,7 +944,9 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
 
         mtp_hidden_states = None
         if output_mtp_hidden_states:
-            mtp_hidden_states = self.multi_token_prediction(hidden_states, inputs_embeds, attention_mask, position_ids)
+            mtp_hidden_states = self.multi_token_prediction(
+                hidden_states, inputs_embeds, attention_mask, position_ids, mtp_depth
+            )
         return MoeMtpModelOutputWithPast(
             last_hidden_state=hidden_states, cache=cache, mtp_hidden_states=mtp_hidden_states
         )
@@ -958,14 +964,21 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
+        mtp_depth: int | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """Runs MTP depth k = 1..D over the whole sequence: position i sees h^(k-1)_i and the embedding of t_(i+k)."""
+        """Runs MTP depth k = 1..D over the whole sequence: position i sees h^(k-1)_i and the embedding of t_(i+k).
+        D is `mtp_depth` (default: the modules' count); depths past the modules reuse the last one."""
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("Multi-token prediction needs a 2-D padding `attention_mask` (batch, seq) or None.")
+        modules = len(self.mtp_layers)
+        mtp_depth = modules if mtp_depth is None else mtp_depth
+        if mtp_depth < 1 or not modules:
+            raise ValueError(f"mtp_depth={mtp_depth}: needs at least 1 and a model with MTP modules ({modules})")
         seq_len = inputs_embeds.shape[1]
         position_ids = position_ids.expand(inputs_embeds.shape[0], -1)
         outputs = []
-        for depth, mtp_layer in enumerate(self.mtp_layers, start=1):
+        for depth in range(1, mtp_depth + 1):
+            mtp_layer = self.mtp_layers[min(depth, modules) - 1]
             if seq_len - depth < 1:
                 break
             embeds, positions = inputs_embeds[:, depth:], position_ids[:, depth:]
@@ -1066,6 +1079,11 @@ class MoeMtpForCausalLM(MoeMtpPreTrainedModel, GenerationMixin):
         want_mtp = self.runs_mtp(output_mtp_logits or (has_targets and config.mtp_loss_weight > 0), cache)
         want_balance = has_targets and self.training and config.seq_aux_loss_alpha > 0
         if want_balance:
+            if want_mtp and (kwargs.get("mtp_depth") or 0) > len(self.model.mtp_layers):
+                raise ValueError(
+                    f"mtp_depth={kwargs['mtp_depth']} reruns an MTP module, which the sequence-wise balance loss does "
+                    "not count: train with seq_aux_loss_alpha=0 or without mtp_depth"
+                )
             kwargs["output_router_logits"] = kwargs["output_router_indices"] = True
         outputs: MoeMtpModelOutputWithPast = self.model(
             input_ids=input_ids,

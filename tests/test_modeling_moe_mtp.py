@@ -72,6 +72,35 @@ def test_mtp_logits_and_loss_match_the_definition(depth):
     torch.testing.assert_close(out.loss, main + 0.3 * torch.stack(mtp).mean(), atol=1e-5, rtol=1e-5)
 
 
+def test_mtp_depth_past_the_modules_reuses_the_last_module_on_its_own_output():
+    """`mtp_depth=3` on one module is three modules that are copies of it; its loss trains the module at every depth,
+    the way drafting past the modules uses it."""
+    model = make_model(num_nextn_predict_layers=1, seq_aux_loss_alpha=0.0).eval()
+    copies = make_model(num_nextn_predict_layers=3).eval()
+    state = model.state_dict()
+    for k in (1, 2):
+        state.update({key.replace("mtp_layers.0.", f"mtp_layers.{k}."): value
+                      for key, value in model.state_dict().items() if key.startswith("model.mtp_layers.0.")})  # fmt: skip
+    copies.load_state_dict(state)
+    input_ids = batch(seq_len=10)
+    reused = model(input_ids, labels=input_ids, mtp_depth=3)
+    reference = copies(input_ids, labels=input_ids)
+    assert len(reused.mtp_logits) == 3
+    for got, want in zip(reused.mtp_logits, reference.mtp_logits, strict=True):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(reused.loss, reference.loss)
+    assert len(model(input_ids, labels=input_ids).mtp_logits) == 1  # the default: one depth per module
+
+    model.train()
+    model(input_ids, labels=input_ids, mtp_depth=3).mtp_losses[2].backward()  # depth 3 alone reaches the module
+    assert model.model.mtp_layers[0].eh_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="mtp_depth=0"):
+        model(input_ids, labels=input_ids, mtp_depth=0)
+    balanced = make_model(num_nextn_predict_layers=1, seq_aux_loss_alpha=0.01).train()
+    with pytest.raises(ValueError, match="seq_aux_loss_alpha"):
+        balanced(input_ids, labels=input_ids, mtp_depth=2)
+
+
 def test_loss_decomposition_with_balance_loss_in_training():
     model = make_model(num_nextn_predict_layers=1, seq_aux_loss_alpha=0.01).train()
     input_ids = batch(seq_len=16)

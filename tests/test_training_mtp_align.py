@@ -89,6 +89,22 @@ def test_mtp_only_keeps_every_main_tensor_bit_identical(trained, tmp_path):
         train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(out), *ALIGN])
 
 
+def test_mtp_train_depth_distills_the_reused_module_at_every_draft_depth(trained, tmp_path):
+    """--mtp-train-depth 3 trains the one module at depths 1-3 (on its own output past depth 1): same seed and data as
+    depth 1, different weights; the main model stays bit-identical."""
+    flags = [*ALIGN, "--max-steps", "10", "--acceptance-prompts", "1", "--acceptance-tokens", "8"]
+    for depth in ("1", "3"):
+        train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(tmp_path / depth), *flags,
+                    "--mtp-train-depth", depth])  # fmt: skip
+        assert summary_of(tmp_path / depth)["train_depth"] == int(depth)
+    once, thrice = (load_file(tmp_path / depth / "model" / "model.safetensors") for depth in ("1", "3"))
+    assert_main_identical(once, thrice)
+    assert any(not torch.equal(once[k], thrice[k]) for k in once if k.startswith(MTP))
+    with pytest.raises(SystemExit, match="--mtp-train-depth 0 leaves MTP modules untrained"):
+        train_main(["--mtp-only", "--model", str(trained), "--output-dir", str(tmp_path / "0"), *flags,
+                    "--mtp-train-depth", "0"])  # fmt: skip
+
+
 def test_mtp_drafts_default_saves_adaptive(trained, tmp_path):
     out = tmp_path / "default"
     flags = [*ALIGN[:-2], "--max-steps", "20", "--acceptance-prompts", "2", "--acceptance-tokens", "24"]

@@ -26,7 +26,8 @@ changes with the batch and the context); `--mtp-drafts auto` saves the fastest f
 timed on up to 4 held-out prompts against plain decoding (batch 1); `--mtp-drafts N` saves N.
 Drafts beyond the number of modules reuse the last module on its own output; when the model is small, a step is
 mostly fixed per-operation cost, so drafting several tokens per verification forward can pay even at lower
-acceptance per extra draft.
+acceptance per extra draft. `--mtp-train-depth K` distills depths 1..K, the last module rerun on its own output past
+the modules, as those drafts use it.
 """
 
 from __future__ import annotations
@@ -120,6 +121,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "plain decoding, and keep the fastest.",
     )
     group.add_argument("--max-mtp-drafts", type=int, default=3, help="Largest draft count --mtp-drafts auto tries.")
+    group.add_argument(
+        "--mtp-train-depth",
+        type=int,
+        default=None,
+        metavar="K",
+        help="Distill depths 1..K (default: one per module). Past the modules the last module runs again on its own "
+        "output, as generate(use_mtp=True) drafts beyond the modules: K = the drafts per step trains every draft.",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -576,6 +585,7 @@ def run(args) -> dict:
         "targets": args.mtp_targets,
         "quantized": "int8" if args.load_in_8bit else "nf4" if args.load_in_4bit else None,
         "steps": args.max_steps,
+        "train_depth": args.mtp_train_depth or depth,
         "seconds": seconds,
         "mtp_data": args.mtp_data,
         "generated": None
@@ -608,8 +618,14 @@ def check_args(args) -> tuple[int, int, tuple[int, list[int]] | None]:
         raise SystemExit("--mtp-only runs are short and write no checkpoints: drop --resume")
     fixed_drafts(args)
     saved, depth = mtp_depths(args)
+    if args.mtp_train_depth is not None and args.mtp_train_depth < depth:
+        raise SystemExit(
+            f"--mtp-train-depth {args.mtp_train_depth} leaves MTP modules untrained: give at least {depth}, the "
+            "modules' count"
+        )
+    depth_trained = args.mtp_train_depth or depth
     if args.mtp_data == "generated":
-        return saved, depth, generation_plan(args, depth)
+        return saved, depth, generation_plan(args, depth_trained)
     given = [flag for flag, value in (("--generate-tokens", args.generate_tokens),
              ("--generate-prompt-lengths", args.generate_prompt_lengths),
              ("--generated-sequences", args.generated_sequences)) if value is not None]  # fmt: skip
@@ -661,7 +677,7 @@ def align(model, trainable: list[torch.nn.Parameter], batches: Batches, args, de
         total = 0.0
         for _ in range(args.grad_accum):
             batch = batches.next().to(device)
-            out = model(input_ids=batch, labels=batch)
+            out = model(input_ids=batch, labels=batch, mtp_depth=args.mtp_train_depth)
             loss = torch.stack(list(out.mtp_losses)).mean() / args.grad_accum
             loss.backward()
             total += float(loss.detach())
