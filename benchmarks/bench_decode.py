@@ -38,7 +38,7 @@ DEFAULT_MODEL_DIR = ROOT / "outputs" / "bench_decode_model"
 # The model trained here (moe_mtp.configuration.presets), and its half-width version for --quick.
 MODEL, QUICK_MODEL = "bench-decode", "bench-decode-quick"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# The MTP module is distilled at depths 1..3, itself reused past depth 1, as it drafts up to 3 tokens a step.
+# The MTP module is distilled at depths 1..3, rerun on its own output past depth 1 as drafting reruns it.
 ALIGN_DEPTH = 3
 # mtp_vs_plain: 1.6 at a 2048-token prompt and 1.3 at 128 (batch 1); 1.2 at batch 4 (issue 20).
 TARGETS = {"absorbed_vs_expanded_2048": 1.3, "mtp_vs_plain": 1.6, "mtp_vs_plain_short": 1.3, "mtp_vs_plain_batch": 1.2,

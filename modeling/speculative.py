@@ -39,9 +39,13 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 # Keyword arguments of `generate` consumed here rather than by the model's forward.
 MTP_GENERATE_KWARGS = ("num_mtp_draft_tokens", "mla_decode")
-# `num_mtp_draft_tokens="adaptive"` chooses between 1 and max(MTP modules, ADAPTIVE_MAX_DRAFTS) drafts per step.
+# `num_mtp_draft_tokens="adaptive"` chooses between 1 and max(MTP modules, ADAPTIVE_MAX_DRAFTS) drafts per step,
+# ADAPTIVE_MAX_DRAFTS_BATCHED for batches of several rows. Measured on bench_decode.py's model (docs/benchmarks.md):
+# at batch 1, 5 drafts beat 3 by 5-8%; at batch 4, 5 lost to 3, since the call lasts until its slowest row is done
+# and deep drafts that only some rows accept shorten it less than the rows' mean tokens per step says.
 ADAPTIVE = "adaptive"
-ADAPTIVE_MAX_DRAFTS = 3
+ADAPTIVE_MAX_DRAFTS = 5
+ADAPTIVE_MAX_DRAFTS_BATCHED = 3
 
 
 @dataclass
@@ -132,9 +136,15 @@ def mtp_speculative_decoding(
         model_kwargs.pop(handled, None)
     forward_kwargs.update({k: v for k, v in model_kwargs.items() if v is not None})
 
+    if num_drafts == ADAPTIVE:
+        most = ADAPTIVE_MAX_DRAFTS if input_ids.shape[0] == 1 else ADAPTIVE_MAX_DRAFTS_BATCHED
+        max_drafts = max(num_modules, most)
+    else:
+        max_drafts = num_drafts
     decoder = _SpeculativeDecoder(
-        model, cache, num_drafts, logits_processor, stopping_criteria, generation_config, streamer, forward_kwargs
-    )
+        model, cache, num_drafts == ADAPTIVE, max_drafts, logits_processor, stopping_criteria, generation_config,
+        streamer, forward_kwargs,
+    )  # fmt: skip
     sequences = decoder.run(input_ids, attention_mask)
     model.last_mtp_stats = decoder.stats
     if generation_config.return_dict_in_generate:
@@ -146,12 +156,20 @@ class _SpeculativeDecoder:
     """State of one batched speculative decoding call. Row b's tokens live in `self.ids[b, : self.lengths[b]]`."""
 
     def __init__(
-        self, model, cache, num_drafts, logits_processor, stopping_criteria, generation_config, streamer, forward_kwargs
+        self,
+        model,
+        cache,
+        adaptive: bool,
+        max_drafts: int,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        streamer,
+        forward_kwargs,
     ):
         self.model, self.cache = model, cache
-        adaptive = num_drafts == ADAPTIVE
-        # the most drafts any step may take; `num_drafts` is this step's count
-        self.max_drafts = max(len(model.model.mtp_layers), ADAPTIVE_MAX_DRAFTS) if adaptive else num_drafts
+        # the most drafts any step may take (the fixed count, unless adaptive); `num_drafts` is this step's count
+        self.max_drafts = max_drafts
         self.num_drafts = self.max_drafts
         self.logits_processor, self.stopping_criteria = logits_processor, stopping_criteria
         self.do_sample = generation_config.do_sample
@@ -528,7 +546,7 @@ def draft_memory(model, max_drafts: int, batch_size: int, prompt_len: int, do_sa
     """What `adaptive` drafting learned in this model's earlier generate calls in the same setting (batch size,
     prompt length within the same power of two, greedy or sampling, device and dtype): the time ratios of
     back-to-back steps and the acceptance.
-    A later call starts from them instead of exploring every count again, which takes a quarter of the steps of a
+    A later call starts from them instead of exploring every count again, which takes about half the steps of a
     64-token call."""
     memory = model.__dict__.setdefault("_mtp_draft_memory", {})
     setting = (max_drafts, batch_size, prompt_len.bit_length(), do_sample, str(model.device), str(model.dtype))
@@ -543,7 +561,7 @@ class AdaptiveDraftCount:
     machine. Each switch between neighbouring counts d and d + 1 gives one sample of t(d + 1) / t(d); a count's cost
     is the product of the median samples of the pairs below it.
 
-    The exploration runs the counts from `max_drafts` down to 1 and back up (3, 2, 1, 2, 3): two samples of each pair.
+    The exploration runs the counts from `max_drafts` down to 1 and back up (5, 4, 3, 2, 1, 2, 3, 4, 5): two samples of each pair.
     After that the best count runs, and every `probe_every` steps a neighbour of it runs once, which takes two more
     samples (into the probe and back out) and keeps the deeper positions' acceptance current, so a neighbour that got
     cheaper wins back. Pairs further from the best count keep their last samples until the best count moves nearer.
