@@ -3,9 +3,9 @@ its own `use_mtp`), on the same trained weights, in one process, CPU fp32.
 
 The model is trained here first (8 layers, MTP loss on) on real English: the docstrings of Python's stdlib
 `pydoc_data/topics.py`, with a byte-level BPE from `tokenizers`. Its MTP module is then re-aligned on the model's
-own predictions (`python -m moe_mtp.train --mtp-only --mtp-train-depth 3`, --align-steps) along its own greedy continuations of
-training-text prompts as long as the benchmark's. Both folders are cached next to --model-dir, so reruns skip the
-work. Prompts come from the held-out last 10% of the text, which neither training nor alignment saw.
+own predictions (`python -m moe_mtp.train --mtp-only --mtp-train-depth 3`, --align-steps) along its own greedy
+continuations of training-text prompts as long as the benchmark's. Both folders are cached next to --model-dir, so
+reruns skip the work. Prompts come from the held-out last 10% of the text, which neither training nor alignment saw.
 
     python benchmarks/bench_decode.py            # trains once (400 steps), aligns (1800), batch 1 and 4 x 128 and 2048
     python benchmarks/bench_decode.py --quick    # smaller model, 60 steps, prompts 128 and 512: a smoke run

@@ -156,8 +156,9 @@ class MoeMtpConfig(PretrainedConfig):
     num_mtp_draft_tokens: int | str | None = None
     """Tokens drafted per step by `generate(..., use_mtp=True)`; `None` drafts one per MTP module. More than
     `num_nextn_predict_layers` reuses the last module for the extra drafts. `"adaptive"` chooses the count step by
-    step, between 1 and max(modules, 5) (3 for batches of several rows), for the most tokens per second measured during the call (the best count
-    depends on the batch, the context and the hardware). `generate` also takes it as a keyword."""
+    step, between 1 and max(modules, 5) (max(modules, 3) for batches of several rows), for the most tokens per second
+    measured during the call (the best count depends on the batch, the context and the hardware). `generate` also
+    takes it as a keyword."""
 
     @property
     def base_model_tp_plan(self) -> dict[str, str]:

@@ -561,10 +561,11 @@ class AdaptiveDraftCount:
     machine. Each switch between neighbouring counts d and d + 1 gives one sample of t(d + 1) / t(d); a count's cost
     is the product of the median samples of the pairs below it.
 
-    The exploration runs the counts from `max_drafts` down to 1 and back up (5, 4, 3, 2, 1, 2, 3, 4, 5): two samples of each pair.
-    After that the best count runs, and every `probe_every` steps a neighbour of it runs once, which takes two more
-    samples (into the probe and back out) and keeps the deeper positions' acceptance current, so a neighbour that got
-    cheaper wins back. Pairs further from the best count keep their last samples until the best count moves nearer.
+    The exploration runs the counts from `max_drafts` down to 1 and back up (5, 4, 3, 2, 1, 2, 3, 4, 5): two samples of
+    each pair. After that the best count runs, and every `probe_every` steps a neighbour of it runs once, which takes
+    two more samples (into the probe and back out) and keeps the deeper positions' acceptance current, so a neighbour
+    that got cheaper wins back. Pairs further from the best count keep their last samples until the best count moves
+    nearer.
 
     `memory` (`draft_memory`) carries the samples and the acceptance over to the model's next call in the same
     setting, which then skips the exploration; its acceptance weighs at most `remembered_drafts` drafts per position

@@ -116,9 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="adaptive",
         metavar="N|auto|adaptive",
         help="Drafts per speculative step saved as the output's num_mtp_draft_tokens. adaptive (default): generate "
-        "chooses 1 to max(modules, 5) (3 at batch > 1) step by step, from the tokens per second it measures. auto: after training, "
-        "time greedy decoding of up to 4 acceptance prompts (batch 1) with 1 to --max-mtp-drafts drafts against "
-        "plain decoding, and keep the fastest.",
+        "chooses 1 to max(modules, 5) (3 at batch > 1) step by step, from the tokens per second it measures. auto: "
+        "after training, time greedy decoding of up to 4 acceptance prompts (batch 1) with 1 to --max-mtp-drafts "
+        "drafts against plain decoding, and keep the fastest.",
     )
     group.add_argument("--max-mtp-drafts", type=int, default=3, help="Largest draft count --mtp-drafts auto tries.")
     group.add_argument(
