@@ -971,8 +971,9 @@ class MoeMtpModel(MoeMtpPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("Multi-token prediction needs a 2-D padding `attention_mask` (batch, seq) or None.")
         modules = len(self.mtp_layers)
-        mtp_depth = modules if mtp_depth is None else mtp_depth
-        if mtp_depth < 1 or not modules:
+        if mtp_depth is None:
+            mtp_depth = modules  # no modules: no depths, as before mtp_depth existed
+        elif mtp_depth < 1 or not modules:
             raise ValueError(f"mtp_depth={mtp_depth}: needs at least 1 and a model with MTP modules ({modules})")
         seq_len = inputs_embeds.shape[1]
         position_ids = position_ids.expand(inputs_embeds.shape[0], -1)

@@ -136,13 +136,14 @@ def mtp_speculative_decoding(
         model_kwargs.pop(handled, None)
     forward_kwargs.update({k: v for k, v in model_kwargs.items() if v is not None})
 
-    if num_drafts == ADAPTIVE:
+    adaptive = num_drafts == ADAPTIVE
+    if adaptive:
         most = ADAPTIVE_MAX_DRAFTS if input_ids.shape[0] == 1 else ADAPTIVE_MAX_DRAFTS_BATCHED
         max_drafts = max(num_modules, most)
     else:
         max_drafts = num_drafts
     decoder = _SpeculativeDecoder(
-        model, cache, num_drafts == ADAPTIVE, max_drafts, logits_processor, stopping_criteria, generation_config,
+        model, cache, adaptive, max_drafts, logits_processor, stopping_criteria, generation_config,
         streamer, forward_kwargs,
     )  # fmt: skip
     sequences = decoder.run(input_ids, attention_mask)

@@ -193,6 +193,9 @@ def test_zero_mtp_depth_is_a_plain_decoder():
     out = model(input_ids, labels=input_ids)
     assert out.mtp_logits is None and out.mtp_losses is None
     torch.testing.assert_close(out.loss, out.main_loss + (out.aux_loss if out.aux_loss is not None else 0))
+    assert model.model(input_ids, output_mtp_hidden_states=True).mtp_hidden_states == ()
+    with pytest.raises(ValueError, match="mtp_depth=2: needs at least 1 and a model with MTP modules"):
+        model.model(input_ids, output_mtp_hidden_states=True, mtp_depth=2)
 
 
 def test_mtp_weight_zero_skips_the_mtp_forward():
